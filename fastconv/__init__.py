@@ -1,0 +1,27 @@
+"""fastconv: fast 2-D convolution and max-pool kernels for NumPy neural nets."""
+
+import os as _os
+
+# Numba's default "workqueue" threading layer aborts when two Python threads run parallel kernels
+# at once; "threadsafe" picks TBB or OpenMP, which allow it. An explicit user choice wins.
+if "NUMBA_THREADING_LAYER" not in _os.environ:
+    import numba as _numba
+
+    _numba.config.THREADING_LAYER = "threadsafe"
+
+from ._registry import BackendUnavailableError, methods
+from ._threads import get_num_threads, set_num_threads
+from ._version import __version__
+from .functional import conv2d, conv2d_backward, max_pool2d, max_pool2d_backward
+
+__all__ = [
+    "BackendUnavailableError",
+    "conv2d",
+    "conv2d_backward",
+    "get_num_threads",
+    "max_pool2d",
+    "max_pool2d_backward",
+    "methods",
+    "set_num_threads",
+    "__version__",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from fastconv._cli import main
+
+sys.exit(main())

@@ -1,0 +1,156 @@
+"""The one registry of algorithms: (op, method) -> implementation, availability, the "auto" policy.
+
+Implementations are named as ``"module:function"`` strings and imported on first use, so that
+``import fastconv`` stays cheap and a method whose backend is missing (no compiled core, no GPU)
+fails only when it is asked for. Every kernel entry point has one of these signatures:
+
+    conv2d               fn(x, w, b, spec) -> out
+    conv2d_backward      fn(grad_out, x, w, spec, need_input, need_weight, need_bias)
+                             -> (grad_input, grad_weight, grad_bias), None where not needed
+    max_pool2d           fn(x, spec, return_indices) -> (out, indices or None)
+    max_pool2d_backward  fn(grad_out, indices, spec) -> grad_input
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from typing import Callable, NamedTuple
+
+__all__ = ["BackendUnavailableError", "register", "resolve", "methods", "OPS"]
+
+OPS = ("conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward")
+
+
+class BackendUnavailableError(RuntimeError):
+    """A method the caller asked for cannot run here (no GPU, compiled core not built)."""
+
+
+class Impl(NamedTuple):
+    op: str
+    method: str
+    target: str  # "package.module:function"
+    device: str  # "cpu" or "cuda"
+    unavailable: Callable[[], str | None]  # None when usable here, else the reason
+    supports: Callable[[object], bool]  # spec -> whether this implementation handles it
+    priority: int
+
+    @property
+    def fn(self):
+        return _load(self.target)
+
+
+@functools.cache
+def _load(target):
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+_REGISTRY: dict[tuple[str, str], Impl] = {}
+
+
+def register(op, method, target, *, device="cpu", unavailable=lambda: None,
+             supports=lambda spec: True, priority=0):
+    """Add an implementation of ``op`` under the name ``method``."""
+    assert op in OPS, op
+    _REGISTRY[op, method] = Impl(
+        op, method, target, device, functools.cache(unavailable), supports, priority
+    )
+
+
+def known(op=None):
+    """Registered method names (usable here or not), in registration order."""
+    return tuple(dict.fromkeys(m for o, m in _REGISTRY if op is None or o == op))
+
+
+def methods(op=None):
+    """The method names usable on this machine (for ``op``, or for any op)."""
+    return tuple(
+        dict.fromkeys(
+            m for (o, m), impl in _REGISTRY.items()
+            if (op is None or o == op) and impl.unavailable() is None
+        )
+    )
+
+
+def candidates(op, spec):
+    """Implementations that can run ``spec`` here, on the spec's side (host or device)."""
+    device = "cuda" if spec.on_device else "cpu"
+    return [
+        impl for (o, _), impl in _REGISTRY.items()
+        if o == op and impl.device == device and impl.unavailable() is None and impl.supports(spec)
+    ]
+
+
+def _auto(op, spec):
+    ok = candidates(op, spec)
+    if not ok:  # only possible for device arrays without a usable CUDA method
+        raise BackendUnavailableError(
+            f"no method can run {op} on {'device' if spec.on_device else 'host'} arrays here; "
+            "see `python -m fastconv info`"
+        )
+    return max(ok, key=lambda impl: impl.priority)
+
+
+def resolve(op, method, spec) -> Impl:
+    """The implementation to run ``op`` with ``method`` on ``spec``."""
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a string, got {method!r}")
+    if method == "auto":
+        return _auto(op, spec)
+    impl = _REGISTRY.get((op, method))
+    if impl is None:
+        raise ValueError(f"method={method!r} is not one of {('auto', *known(op))}")
+    reason = impl.unavailable()
+    if reason is not None:
+        raise BackendUnavailableError(
+            f"method={method!r} cannot run here: {reason}; see `python -m fastconv info`"
+        )
+    if spec.on_device and impl.device == "cpu":
+        raise ValueError(
+            f"method={method!r} runs on the CPU but the arrays are on the GPU; use one of "
+            f"{tuple(m for (o, m), i in _REGISTRY.items() if o == op and i.device == 'cuda')} "
+            "or copy the arrays to the host"
+        )
+    if not impl.supports(spec):
+        raise ValueError(f"method={method!r} does not support this problem: {spec}")
+    return impl
+
+
+# ---------------------------------------------------------------------------------------------
+# availability probes
+
+
+def _cython_missing():
+    try:
+        importlib.import_module("fastconv.kernels._im2col")
+    except ImportError as e:
+        return f"the compiled Cython core was not built ({e}); reinstall with `pip install .`"
+    return None
+
+
+def cuda_missing():
+    """None when a CUDA method can run here (a GPU, or the simulator), else the reason."""
+    try:
+        from numba import cuda
+    except Exception as e:  # numba without its CUDA target
+        return f"numba.cuda cannot be imported ({e})"
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return None
+    try:
+        if cuda.is_available():
+            return None
+    except Exception as e:
+        return f"no usable CUDA GPU ({e})"
+    return "no CUDA GPU was found (set NUMBA_ENABLE_CUDASIM=1 to use the simulator)"
+
+
+# ---------------------------------------------------------------------------------------------
+# the registrations: one line per (op, method)
+
+_NAIVE = "fastconv.kernels.naive"
+register("conv2d", "naive", f"{_NAIVE}:conv2d_forward")
+register("conv2d_backward", "naive", f"{_NAIVE}:conv2d_backward")
+register("max_pool2d", "naive", f"{_NAIVE}:max_pool2d_forward")
+register("max_pool2d_backward", "naive", f"{_NAIVE}:max_pool2d_backward")

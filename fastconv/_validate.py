@@ -1,0 +1,374 @@
+"""Every argument check and normalization of fastconv.
+
+Each public entry point calls one function here first. It returns the arrays, converted once to
+the common compute dtype and made C-contiguous (host arrays; device arrays pass through), and a
+frozen spec (`ConvSpec`, `PoolSpec`) holding the normalized options and output sizes. Kernels
+trust what they receive, so nothing unchecked may get past this module.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import NamedTuple
+
+import numpy as np
+
+__all__ = [
+    "ConvSpec",
+    "PoolSpec",
+    "conv2d",
+    "conv2d_backward",
+    "max_pool2d",
+    "max_pool2d_backward",
+    "pair",
+    "is_device_array",
+]
+
+PADDING_MODES = ("valid", "same", "full")
+
+
+class ConvSpec(NamedTuple):
+    """A validated conv2d problem: shapes, dtype and normalized options."""
+
+    x_shape: tuple[int, int, int, int]  # (N, C, H, W)
+    w_shape: tuple[int, int, int, int]  # (K, C // groups, R, S)
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+    padding: tuple[tuple[int, int], tuple[int, int]]  # ((top, bottom), (left, right))
+    groups: int
+    out_hw: tuple[int, int]
+    dtype: str  # "float32" or "float64"
+    has_bias: bool = False
+    on_device: bool = False
+
+    @property
+    def out_shape(self) -> tuple[int, int, int, int]:
+        return (self.x_shape[0], self.w_shape[0], *self.out_hw)
+
+    @property
+    def flops(self) -> int:
+        """Multiply-adds times two of the forward pass (the backward counts twice this)."""
+        n, k, oh, ow = self.out_shape
+        _, cg, r, s = self.w_shape
+        return 2 * n * k * cg * r * s * oh * ow
+
+
+class PoolSpec(NamedTuple):
+    """A validated max-pool problem."""
+
+    x_shape: tuple[int, int, int, int]
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]  # symmetric (h, w), padded with -inf
+    dilation: tuple[int, int]
+    ceil_mode: bool
+    out_hw: tuple[int, int]
+    dtype: str
+    on_device: bool = False
+
+    @property
+    def out_shape(self) -> tuple[int, int, int, int]:
+        return (*self.x_shape[:2], *self.out_hw)
+
+
+# ---------------------------------------------------------------------------------------------
+# scalars and tuples
+
+
+def pair(value, name: str, minimum: int) -> tuple[int, int]:
+    """An int or a pair of ints, each >= minimum, as a tuple (torch's ``_pair``)."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    try:
+        a, b = (value, value) if np.ndim(value) == 0 else value
+        if isinstance(a, (bool, np.bool_)) or isinstance(b, (bool, np.bool_)):
+            raise TypeError
+        a, b = operator.index(a), operator.index(b)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from e
+    if min(a, b) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return a, b
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError as e:
+        raise TypeError(f"{name} must be an int, got {value!r}") from e
+    if v < 1:
+        raise ValueError(f"{name} must be >= 1, got {value!r}")
+    return v
+
+
+def _resolve_padding(padding, k_eff, size, stride):
+    """Normalize ``padding`` to ((top, bottom), (left, right)).
+
+    ``k_eff``, ``size`` and ``stride`` are (h, w) pairs: the dilated kernel extent, the input size
+    and the stride, needed by the string modes.
+    """
+    if isinstance(padding, str):
+        if padding not in PADDING_MODES:
+            raise ValueError(f"padding={padding!r} is not one of {PADDING_MODES}")
+        if padding == "valid":
+            return ((0, 0), (0, 0))
+        if padding == "full":
+            return tuple((k - 1, k - 1) for k in k_eff)
+        out = []
+        for k, n, s in zip(k_eff, size, stride):  # Keras "same": output ceil(n / s)
+            total = max((-(-n // s) - 1) * s + k - n, 0)
+            out.append((total // 2, total - total // 2))
+        return tuple(out)
+    try:
+        nested = np.ndim(padding) == 2 and np.shape(padding) == (2, 2)
+    except ValueError:  # ragged, like ((1, 2), (3,))
+        nested = False
+    if nested:
+        try:
+            return tuple(pair(p, "padding", 0) for p in padding)
+        except (TypeError, ValueError) as e:
+            raise type(e)(
+                f"padding must be an int, a pair, ((top, bottom), (left, right)) or one of "
+                f"{PADDING_MODES}, got {padding!r}"
+            ) from e
+    try:
+        ph, pw = pair(padding, "padding", 0)
+    except TypeError as e:
+        raise TypeError(
+            f"padding must be an int, a pair, ((top, bottom), (left, right)) or one of "
+            f"{PADDING_MODES}, got {padding!r}"
+        ) from e
+    return ((ph, ph), (pw, pw))
+
+
+# ---------------------------------------------------------------------------------------------
+# arrays
+
+
+def is_device_array(a) -> bool:
+    """True for arrays living on a GPU (anything exporting ``__cuda_array_interface__``)."""
+    return hasattr(a, "__cuda_array_interface__") and not isinstance(a, np.ndarray)
+
+
+def _device_dtype(a) -> np.dtype:
+    return np.dtype(a.__cuda_array_interface__["typestr"])
+
+
+def _device_shape(a) -> tuple[int, ...]:
+    return tuple(a.__cuda_array_interface__["shape"])
+
+
+def _as_array(a, name: str, ndim: int):
+    """np.asarray for host data; device arrays pass through. Checks ndim and dtype kind."""
+    if is_device_array(a):
+        shape, dtype = _device_shape(a), _device_dtype(a)
+    else:
+        if isinstance(a, (str, bytes)) or a is None:
+            raise TypeError(f"{name} must be an array, got {type(a).__name__}")
+        try:
+            a = np.asarray(a)
+        except Exception as e:  # ragged lists and the like
+            raise TypeError(f"{name} must be an array, got {type(a).__name__}") from e
+        shape, dtype = a.shape, a.dtype
+    if dtype.kind not in "biuf" or dtype.itemsize > 8:
+        raise TypeError(
+            f"{name} has dtype {dtype}; fastconv computes in float32 or float64 "
+            "(bool, integer and float16 inputs are promoted)"
+        )
+    if len(shape) != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got {name} of shape {tuple(shape)}")
+    return a, tuple(int(d) for d in shape), dtype
+
+
+def _compute_dtype(*dtypes) -> np.dtype:
+    dt = np.result_type(*dtypes)
+    if dt.kind in "biu":
+        return np.dtype(np.float64)
+    if dt == np.float16:
+        return np.dtype(np.float32)
+    return dt
+
+
+def _prepare(arrays, dtype, on_device):
+    """Cast host arrays once to dtype, C-contiguous (a copy only when needed: never in place)."""
+    if on_device:
+        for a in arrays:
+            if a is not None and _device_dtype(a) != dtype:
+                raise TypeError(
+                    f"device arrays must share one float dtype (float32 or float64); got "
+                    f"{sorted({str(_device_dtype(b)) for b in arrays if b is not None})}"
+                )
+        return arrays
+    return tuple(None if a is None else np.ascontiguousarray(a, dtype=dtype) for a in arrays)
+
+
+def _placement(named):
+    """Whether the arrays are on the device; they must not be mixed host and device."""
+    where = {n: is_device_array(a) for n, a in named.items() if a is not None}
+    if len(set(where.values())) > 1:
+        dev = [n for n, d in where.items() if d]
+        host = [n for n, d in where.items() if not d]
+        raise TypeError(
+            f"{', '.join(dev)} on the GPU but {', '.join(host)} on the host; "
+            "pass all arrays on one side"
+        )
+    return any(where.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# conv2d
+
+
+def _conv_spec(x_shape, w_shape, has_bias, b_shape, stride, padding, dilation, groups, dtype, dev):
+    n, c, h, w = x_shape
+    k, cg, r, s = w_shape
+    stride = pair(stride, "stride", 1)
+    dilation = pair(dilation, "dilation", 1)
+    groups = _positive_int(groups, "groups")
+    if min(w_shape) < 1:
+        raise ValueError(f"weight of shape {w_shape} has an empty dimension")
+    if min(x_shape) < 1:
+        raise ValueError(f"x of shape {x_shape} has an empty dimension")
+    if k % groups:
+        raise ValueError(
+            f"groups={groups} must divide the output channels, got weight of shape {w_shape}"
+        )
+    if c != cg * groups:
+        raise ValueError(
+            f"groups={groups} and weight of shape {w_shape} expect x with {cg * groups} "
+            f"channels, got x of shape {x_shape}"
+        )
+    if has_bias and b_shape != (k,):
+        raise ValueError(f"b must have shape ({k},) for weight of shape {w_shape}, got {b_shape}")
+    k_eff = (dilation[0] * (r - 1) + 1, dilation[1] * (s - 1) + 1)
+    pad = _resolve_padding(padding, k_eff, (h, w), stride)
+    out_hw = tuple(
+        (size + lo + hi - ke) // st + 1
+        for size, (lo, hi), ke, st in zip((h, w), pad, k_eff, stride)
+    )
+    if min(out_hw) < 1 or any(size + lo + hi < ke for size, (lo, hi), ke in zip((h, w), pad, k_eff)):
+        raise ValueError(
+            f"kernel of shape {w_shape[2:]} with dilation={dilation} spans {k_eff}, larger than "
+            f"x of shape {x_shape} with padding={pad}: the output would be empty"
+        )
+    return ConvSpec(
+        x_shape, w_shape, stride, dilation, pad, groups, out_hw, str(dtype), has_bias, dev
+    )
+
+
+def conv2d(x, w, b, stride, padding, dilation, groups):
+    """Validate conv2d arguments; return (x, w, b, spec) with arrays in the compute dtype."""
+    dev = _placement({"x": x, "w": w, "b": b})
+    x, xs, xd = _as_array(x, "x", 4)
+    w, ws, wd = _as_array(w, "w", 4)
+    dts = [xd, wd]
+    bs = None
+    if b is not None:
+        b, bs, bd = _as_array(b, "b", 1)
+        dts.append(bd)
+    dtype = _compute_dtype(*dts)
+    spec = _conv_spec(xs, ws, b is not None, bs, stride, padding, dilation, groups, dtype, dev)
+    x, w, b = _prepare((x, w, b), dtype, dev)
+    return x, w, b, spec
+
+
+def conv2d_backward(grad_output, x, w, stride, padding, dilation, groups):
+    """Validate conv2d_backward arguments; return (grad_output, x, w, spec)."""
+    dev = _placement({"grad_output": grad_output, "x": x, "w": w})
+    g, gs, gd = _as_array(grad_output, "grad_output", 4)
+    x, xs, xd = _as_array(x, "x", 4)
+    w, ws, wd = _as_array(w, "w", 4)
+    dtype = _compute_dtype(gd, xd, wd)
+    spec = _conv_spec(xs, ws, False, None, stride, padding, dilation, groups, dtype, dev)
+    if gs != spec.out_shape:
+        raise ValueError(
+            f"grad_output must have the forward output's shape {spec.out_shape} for x of shape "
+            f"{xs} and weight of shape {ws}, got grad_output of shape {gs}"
+        )
+    g, x, w = _prepare((g, x, w), dtype, dev)
+    return g, x, w, spec
+
+
+# ---------------------------------------------------------------------------------------------
+# max-pool
+
+
+def _pool_spec(x_shape, kernel_size, stride, padding, dilation, ceil_mode, dtype, dev):
+    kernel = pair(kernel_size, "kernel_size", 1)
+    stride = kernel if stride is None else pair(stride, "stride", 1)
+    padding = pair(padding, "padding", 0)
+    dilation = pair(dilation, "dilation", 1)
+    if not isinstance(ceil_mode, (bool, np.bool_)):
+        raise TypeError(f"ceil_mode must be a bool, got {ceil_mode!r}")
+    if min(x_shape) < 1:
+        raise ValueError(f"x of shape {x_shape} has an empty dimension")
+    if padding[0] > kernel[0] // 2 or padding[1] > kernel[1] // 2:
+        raise ValueError(f"padding={padding} must be at most half of kernel_size={kernel}")
+    out = []
+    for size, k, s, p, d in zip(x_shape[2:], kernel, stride, padding, dilation):
+        span = size + 2 * p - d * (k - 1) - 1
+        o = (-(-span // s) if ceil_mode else span // s) + 1
+        if ceil_mode and (o - 1) * s >= size + p:  # the last window must start inside (PyTorch)
+            o -= 1
+        out.append(o)
+    if min(out) < 1:
+        raise ValueError(
+            f"kernel_size={kernel} with dilation={dilation} does not fit x of shape {x_shape} "
+            f"with padding={padding}: the output would be empty"
+        )
+    return PoolSpec(
+        x_shape, kernel, stride, padding, dilation, bool(ceil_mode), tuple(out), str(dtype), dev
+    )
+
+
+def max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode):
+    """Validate max_pool2d arguments; return (x, spec)."""
+    dev = _placement({"x": x})
+    x, xs, xd = _as_array(x, "x", 4)
+    dtype = _compute_dtype(xd)
+    spec = _pool_spec(xs, kernel_size, stride, padding, dilation, ceil_mode, dtype, dev)
+    (x,) = _prepare((x,), dtype, dev)
+    return x, spec
+
+
+def max_pool2d_backward(grad_output, indices, input_shape, kernel_size, stride, padding,
+                        dilation, ceil_mode):
+    """Validate max_pool2d_backward arguments; return (grad_output, indices, spec)."""
+    dev = _placement({"grad_output": grad_output, "indices": indices})
+    g, gs, gd = _as_array(grad_output, "grad_output", 4)
+    if dev:
+        ishape, idt = _device_shape(indices), _device_dtype(indices)
+    else:
+        indices = np.asarray(indices)
+        ishape, idt = indices.shape, indices.dtype
+    if idt.kind not in "iu":
+        raise TypeError(f"indices must be an integer array, got dtype {idt}")
+    try:
+        xs = tuple(operator.index(d) for d in input_shape)
+    except TypeError as e:
+        raise TypeError(f"input_shape must be a tuple of 4 ints, got {input_shape!r}") from e
+    if len(xs) != 4:
+        raise ValueError(f"input_shape must have 4 entries (N, C, H, W), got {input_shape!r}")
+    dtype = _compute_dtype(gd)
+    spec = _pool_spec(xs, kernel_size, stride, padding, dilation, ceil_mode, dtype, dev)
+    if gs != spec.out_shape:
+        raise ValueError(
+            f"grad_output must have the forward output's shape {spec.out_shape} for "
+            f"input_shape={xs}, got grad_output of shape {gs}"
+        )
+    if tuple(ishape) != gs:
+        raise ValueError(
+            f"indices must have grad_output's shape {gs}, got indices of shape {tuple(ishape)}"
+        )
+    if not dev:
+        plane = xs[2] * xs[3]
+        if indices.size and (indices.min() < 0 or indices.max() >= plane):
+            raise ValueError(
+                f"indices must lie in [0, {plane}) (flat positions in the {xs[2]}x{xs[3]} "
+                f"input plane), got values in [{indices.min()}, {indices.max()}]"
+            )
+        indices = np.ascontiguousarray(indices, dtype=np.int64)
+    (g,) = _prepare((g,), dtype, dev)
+    return g, indices, spec

@@ -1,0 +1,190 @@
+"""Naive conv2d and max-pool: straight loops, no tricks (Numba, CPU). The readable oracle.
+
+Inputs are already validated and converted (see fastconv._validate): C-contiguous arrays of
+``spec.dtype``. Padding is handled by skipping out-of-range taps, so no padded copy is made.
+Sums accumulate in float64 whatever the dtype, which makes this the most accurate method.
+"""
+
+import numpy as np
+from numba import njit
+
+__all__ = ["conv2d_forward", "conv2d_backward", "max_pool2d_forward", "max_pool2d_backward"]
+
+
+@njit(cache=True, nogil=True)
+def _forward_nchw(x, w, out, sh, sw, pt, pl, dh, dw, groups):
+    n_batch, _, h, wd = x.shape
+    c_out, cg, kh, kw = w.shape
+    kg = c_out // groups
+    oh, ow = out.shape[2], out.shape[3]
+    for n in range(n_batch):
+        for o in range(c_out):
+            c0 = (o // kg) * cg
+            for i in range(oh):
+                for j in range(ow):
+                    acc = 0.0
+                    for c in range(cg):
+                        for p in range(kh):
+                            row = i * sh - pt + p * dh
+                            if row < 0 or row >= h:
+                                continue
+                            for q in range(kw):
+                                col = j * sw - pl + q * dw
+                                if 0 <= col < wd:
+                                    acc += x[n, c0 + c, row, col] * w[o, c, p, q]
+                    out[n, o, i, j] = acc
+
+
+@njit(cache=True, nogil=True)
+def _backward_input_nchw(g, w, dx, sh, sw, pt, pl, dh, dw, groups):
+    """Scatter each output gradient back through the taps that produced it (the adjoint)."""
+    n_batch, _, h, wd = dx.shape
+    c_out, cg, kh, kw = w.shape
+    kg = c_out // groups
+    oh, ow = g.shape[2], g.shape[3]
+    acc = np.zeros(dx.shape, dtype=np.float64)
+    for n in range(n_batch):
+        for o in range(c_out):
+            c0 = (o // kg) * cg
+            for i in range(oh):
+                for j in range(ow):
+                    go = g[n, o, i, j]
+                    for c in range(cg):
+                        for p in range(kh):
+                            row = i * sh - pt + p * dh
+                            if row < 0 or row >= h:
+                                continue
+                            for q in range(kw):
+                                col = j * sw - pl + q * dw
+                                if 0 <= col < wd:
+                                    acc[n, c0 + c, row, col] += go * w[o, c, p, q]
+    dx[...] = acc
+
+
+@njit(cache=True, nogil=True)
+def _backward_weight_nchw(g, x, dwt, sh, sw, pt, pl, dh, dw, groups):
+    n_batch, _, h, wd = x.shape
+    c_out, cg, kh, kw = dwt.shape
+    kg = c_out // groups
+    oh, ow = g.shape[2], g.shape[3]
+    for o in range(c_out):
+        c0 = (o // kg) * cg
+        for c in range(cg):
+            for p in range(kh):
+                for q in range(kw):
+                    acc = 0.0
+                    for n in range(n_batch):
+                        for i in range(oh):
+                            row = i * sh - pt + p * dh
+                            if row < 0 or row >= h:
+                                continue
+                            for j in range(ow):
+                                col = j * sw - pl + q * dw
+                                if 0 <= col < wd:
+                                    acc += g[n, o, i, j] * x[n, c0 + c, row, col]
+                    dwt[o, c, p, q] = acc
+
+
+@njit(cache=True, nogil=True)
+def _backward_bias_nchw(g, db):
+    n_batch, c_out, oh, ow = g.shape
+    for o in range(c_out):
+        acc = 0.0
+        for n in range(n_batch):
+            for i in range(oh):
+                for j in range(ow):
+                    acc += g[n, o, i, j]
+        db[o] = acc
+
+
+def _conv_args(spec):
+    (pt, _), (pl, _) = spec.padding
+    return (*spec.stride, pt, pl, *spec.dilation, spec.groups)
+
+
+def conv2d_forward(x, w, b, spec):
+    out = np.empty(spec.out_shape, dtype=spec.dtype)
+    _forward_nchw(x, w, out, *_conv_args(spec))
+    if b is not None:
+        out += b.reshape(1, -1, 1, 1)
+    return out
+
+
+def conv2d_backward(g, x, w, spec, need_input, need_weight, need_bias):
+    dx = dw = db = None
+    if need_input:
+        dx = np.empty(spec.x_shape, dtype=spec.dtype)
+        _backward_input_nchw(g, w, dx, *_conv_args(spec))
+    if need_weight:
+        dw = np.empty(spec.w_shape, dtype=spec.dtype)
+        _backward_weight_nchw(g, x, dw, *_conv_args(spec))
+    if need_bias:
+        db = np.empty(spec.w_shape[0], dtype=spec.dtype)
+        _backward_bias_nchw(g, db)
+    return dx, dw, db
+
+
+# ---------------------------------------------------------------------------------------------
+# max-pool
+
+
+@njit(cache=True, nogil=True)
+def _pool_forward_nchw(x, out, idx, kh, kw, sh, sw, ph, pw, dh, dw):
+    n_batch, chans, h, wd = x.shape
+    oh, ow = out.shape[2], out.shape[3]
+    for n in range(n_batch):
+        for c in range(chans):
+            for i in range(oh):
+                r0 = i * sh - ph
+                while r0 < 0:  # the first tap inside the input, as PyTorch starts its index
+                    r0 += dh
+                for j in range(ow):
+                    c0 = j * sw - pw
+                    while c0 < 0:
+                        c0 += dw
+                    best = -np.inf
+                    arg = r0 * wd + c0
+                    for p in range(kh):
+                        row = i * sh - ph + p * dh
+                        if row < 0 or row >= h:
+                            continue
+                        for q in range(kw):
+                            col = j * sw - pw + q * dw
+                            if col < 0 or col >= wd:
+                                continue
+                            v = x[n, c, row, col]
+                            # strictly greater keeps the first maximum; the first NaN wins
+                            if v > best or (np.isnan(v) and not np.isnan(best)):
+                                best = v
+                                arg = row * wd + col
+                    out[n, c, i, j] = best
+                    idx[n, c, i, j] = arg
+
+
+@njit(cache=True, nogil=True)
+def _pool_backward_nchw(g, idx, dx):
+    n_batch, chans, oh, ow = g.shape
+    wd = dx.shape[3]
+    for n in range(n_batch):
+        for c in range(chans):
+            for i in range(oh):
+                for j in range(ow):
+                    k = idx[n, c, i, j]
+                    dx[n, c, k // wd, k % wd] += g[n, c, i, j]
+
+
+def _pool_args(spec):
+    return (*spec.kernel, *spec.stride, *spec.padding, *spec.dilation)
+
+
+def max_pool2d_forward(x, spec, return_indices):
+    out = np.empty(spec.out_shape, dtype=spec.dtype)
+    idx = np.empty(spec.out_shape, dtype=np.int64)
+    _pool_forward_nchw(x, out, idx, *_pool_args(spec))
+    return out, (idx if return_indices else None)
+
+
+def max_pool2d_backward(g, idx, spec):
+    dx = np.zeros(spec.x_shape, dtype=spec.dtype)
+    _pool_backward_nchw(g, idx, dx)
+    return dx

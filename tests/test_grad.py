@@ -1,0 +1,99 @@
+"""conv2d backward: every registered method against float64 central differences."""
+
+import numpy as np
+import pytest
+
+import fastconv as fc
+from helpers import (CONV_CASES, DTYPES, checked, is_cuda, method_case_params, method_params,
+                     numgrad_for, to_host, tol)
+
+
+def _grads(method, g, x, w, conf, **need):
+    out = checked(fc.conv2d_backward, g, x, w, **conf, method=method, **need)
+    return tuple(None if a is None else to_host(a) for a in out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("method,case", method_case_params("conv2d_backward", small_only=True))
+def test_backward_matches_numerical_gradient(method, case, dtype):
+    x, w, g, (dx, dw, db) = numgrad_for(case.name)
+    one_image = is_cuda(method)  # the simulator runs tiny problems: one image
+    if one_image:  # images are independent, so dx of image 0 is unchanged; dw is not
+        x, g, dx = x[:1], g[:1], dx[:1]
+        db = g.sum(axis=(0, 2, 3))
+    got = _grads(method, g.astype(dtype), x.astype(dtype), w.astype(dtype), case.conf)
+    assert [a.shape for a in got] == [x.shape, w.shape, (w.shape[0],)]
+    assert all(a.dtype == dtype for a in got)
+    # dw and db sum over batch and positions; dx over output channels and taps
+    reduction = int(np.prod(g.shape)) // g.shape[1]
+    np.testing.assert_allclose(got[0], dx, **_numtol(dtype, case.reduction))
+    if not one_image:  # see test_weight_grad_of_one_image_matches_naive
+        np.testing.assert_allclose(got[1], dw, **_numtol(dtype, reduction))
+    np.testing.assert_allclose(got[2], db, **_numtol(dtype, reduction))
+
+
+def _numtol(dtype, reduction):
+    t = tol(dtype, reduction)
+    if np.dtype(dtype) == np.float64:  # central differences carry ~1e-9 of rounding noise
+        t = dict(rtol=1e-6, atol=1e-6)
+    return t
+
+
+@pytest.mark.parametrize("method", method_params("conv2d_backward"))
+def test_weight_grad_of_one_image_matches_naive(method):
+    """The CUDA path of the test above checks dw on one image; here, for every method."""
+    for case in CONV_CASES[:12]:
+        x, w, _ = case.arrays(np.float64, seed=9, n=1)
+        g = np.random.default_rng(10).standard_normal(fc.conv2d(x, w, **case.conf).shape)
+        want = _grads("naive", g, x, w, case.conf)
+        got = _grads(method, g, x, w, case.conf)
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, **tol(np.float64))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("method,case", [
+    p for p in method_case_params("conv2d_backward") if p.values[1].name.startswith("medium")
+])
+def test_backward_on_larger_problems_matches_naive(method, case, dtype):
+    x, w, _ = case.arrays(dtype, seed=4)
+    g = np.random.default_rng(6).standard_normal(fc.conv2d(x, w, **case.conf).shape).astype(dtype)
+    want = _grads("naive", g.astype(np.float64), x.astype(np.float64), w.astype(np.float64),
+                  case.conf)
+    got = _grads(method, g, x, w, case.conf)
+    n_pos = int(np.prod(g.shape)) // g.shape[1]
+    for a, b, red in zip(got, want, (case.reduction, n_pos, n_pos)):
+        assert a.dtype == dtype
+        np.testing.assert_allclose(a, b, **tol(dtype, red))
+
+
+@pytest.mark.parametrize("method", method_params("conv2d_backward"))
+def test_need_flags(method):
+    case = CONV_CASES[0]
+    x, w, _ = case.arrays(np.float64, n=1)
+    g = np.random.default_rng(1).standard_normal(fc.conv2d(x, w).shape)
+    full = _grads(method, g, x, w, {})
+    for flags in [(True, False, False), (False, True, False), (False, False, True),
+                  (False, False, False)]:
+        got = _grads(method, g, x, w, {}, need_input=flags[0], need_weight=flags[1],
+                     need_bias=flags[2])
+        for want_it, a, b in zip(flags, got, full):
+            if want_it:
+                np.testing.assert_allclose(a, b, **tol(np.float64))
+            else:
+                assert a is None
+    res = fc.conv2d_backward(g, x, w, method=method)
+    assert res._fields == ("grad_input", "grad_weight", "grad_bias")
+
+
+@pytest.mark.parametrize("method", [p for p in method_params("conv2d_backward")
+                                    if "cuda" not in p.id])
+def test_backward_is_deterministic(method):
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((4, 16, 20, 20)).astype(np.float32)
+    w = rng.standard_normal((16, 16, 3, 3)).astype(np.float32)
+    g = rng.standard_normal((4, 16, 20, 20)).astype(np.float32)
+    runs = [fc.conv2d_backward(g, x, w, padding=1, method=method) for _ in range(3)]
+    for r in runs[1:]:
+        for a, b in zip(r, runs[0]):
+            np.testing.assert_array_equal(a, b)
