@@ -1,0 +1,433 @@
+"""Train a LeNet-style conv net on scikit-learn's digits with fastconv layers, end to end.
+
+The net has the shape of the "Deep Learning from Scratch" ``SimpleConvNet``:
+
+    conv 30 x 5x5 -> relu -> max-pool 2x2 -> affine 100 -> relu -> affine 10 -> softmax
+
+built from ``fastconv.Conv2D`` and ``fastconv.MaxPool2D``. The data are the 1797 8x8 handwritten
+digits bundled with scikit-learn (no download), upscaled to ``--size`` pixels (28 by default, the
+MNIST size the net was drawn for). The same net, from the same initial weights and the same batch
+order, is then trained on plain NumPy im2col layers written below, and the script reports the
+test accuracy and the training time per epoch of both. Finally it draws the learned first-layer
+filters and the feature maps of one test image into ``--out`` (PNG, with matplotlib).
+
+    python examples/train_digits.py                 # 10 epochs at 28x28, then the reference
+    python examples/train_digits.py --quick         # 3 epochs at 16x16: a few seconds
+    python examples/train_digits.py --method naive --no-reference --out /tmp/digits
+
+Needs scikit-learn; matplotlib for the pictures (skipped with a message without it); tqdm for a
+nicer progress bar (a plain one is used without it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import fastconv as fc
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "out"
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def load_data(size, seed=0, test_fraction=0.2):
+    """Digits as (N, 1, size, size) arrays in [0, 1], split into train and test sets."""
+    from scipy import ndimage
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = digits.images.astype(np.float64) / 16.0
+    if size != images.shape[1]:
+        zoom = size / images.shape[1]
+        images = np.clip(ndimage.zoom(images, (1, zoom, zoom), order=1), 0.0, 1.0)
+    x, y = images[:, None], digits.target.astype(np.int64)
+    order = np.random.default_rng(seed).permutation(len(x))
+    n_test = int(round(test_fraction * len(x)))
+    test, train = order[:n_test], order[n_test:]
+    return x[train], y[train], x[test], y[test]
+
+
+# ---------------------------------------------------------------------------------------------
+# the layers every net shares
+
+
+class Relu:
+    def forward(self, x):
+        self.mask = x <= 0
+        out = x.copy()
+        out[self.mask] = 0
+        return out
+
+    def backward(self, dout):
+        dx = dout.copy()
+        dx[self.mask] = 0
+        return dx
+
+
+class Affine:
+    """``x.reshape(N, -1) @ W + b``; keeps the input shape to give back a matching dx."""
+
+    def __init__(self, W, b):
+        self.W, self.b = W, b
+
+    def forward(self, x):
+        self.shape = x.shape
+        self.x2 = x.reshape(x.shape[0], -1)
+        return self.x2 @ self.W + self.b
+
+    def backward(self, dout):
+        self.dW = self.x2.T @ dout
+        self.db = dout.sum(axis=0)
+        return (dout @ self.W.T).reshape(self.shape)
+
+
+class SoftmaxCrossEntropy:
+    def forward(self, scores, labels):
+        z = scores - scores.max(axis=1, keepdims=True)
+        self.p = np.exp(z)
+        self.p /= self.p.sum(axis=1, keepdims=True)
+        self.labels = labels
+        n = len(labels)
+        return float(-np.mean(np.log(self.p[np.arange(n), labels] + 1e-12)))
+
+    def backward(self):
+        d = self.p.copy()
+        n = len(self.labels)
+        d[np.arange(n), self.labels] -= 1
+        return d / n
+
+
+# ---------------------------------------------------------------------------------------------
+# the reference: conv and pool as im2col + matrix products in plain NumPy
+
+
+def im2col(x, kh, kw, stride, pad):
+    """Rows of ``(N * OH * OW, C * kh * kw)``: one flattened receptive field per output pixel."""
+    n, c = x.shape[:2]
+    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    win = np.lib.stride_tricks.sliding_window_view(xp, (kh, kw), axis=(2, 3))
+    win = win[:, :, ::stride, ::stride]  # (N, C, OH, OW, kh, kw)
+    oh, ow = win.shape[2:4]
+    return win.transpose(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, c * kh * kw), oh, ow
+
+
+def col2im(cols, x_shape, kh, kw, stride, pad, oh, ow):
+    """The adjoint of `im2col`: add every row back onto the pixels its field covers."""
+    n, c, h, w = x_shape
+    dxp = np.zeros((n, c, h + 2 * pad, w + 2 * pad), cols.dtype)
+    fields = cols.reshape(n, oh, ow, c, kh, kw).transpose(0, 3, 4, 5, 1, 2)
+    for i in range(kh):
+        for j in range(kw):
+            dxp[:, :, i:i + stride * oh:stride, j:j + stride * ow:stride] += fields[:, :, i, j]
+    return dxp[:, :, pad:pad + h, pad:pad + w]
+
+
+class RefConv:
+    def __init__(self, W, b, stride=1, padding=0):
+        self.W, self.b, self.stride, self.pad = W, b, stride, padding
+
+    def forward(self, x):
+        k, _, kh, kw = self.W.shape
+        self.x_shape = x.shape
+        self.cols, oh, ow = im2col(x, kh, kw, self.stride, self.pad)
+        out = self.cols @ self.W.reshape(k, -1).T + self.b
+        return out.reshape(x.shape[0], oh, ow, k).transpose(0, 3, 1, 2)
+
+    def backward(self, dout):
+        k, _, kh, kw = self.W.shape
+        oh, ow = dout.shape[2:]
+        d2 = dout.transpose(0, 2, 3, 1).reshape(-1, k)
+        self.dW = (d2.T @ self.cols).reshape(self.W.shape)
+        self.db = d2.sum(axis=0)
+        dcols = d2 @ self.W.reshape(k, -1)
+        return col2im(dcols, self.x_shape, kh, kw, self.stride, self.pad, oh, ow)
+
+
+class RefMaxPool:
+    def __init__(self, size):
+        self.size = size
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        s = self.size
+        cols, oh, ow = im2col(x.reshape(n * c, 1, h, w), s, s, s, 0)
+        self.arg = cols.argmax(axis=1)
+        self.shapes = (cols.shape, x.shape, oh, ow)
+        return cols[np.arange(len(cols)), self.arg].reshape(n, c, oh, ow)
+
+    def backward(self, dout):
+        cols_shape, (n, c, h, w), oh, ow = self.shapes
+        s = self.size
+        dcols = np.zeros(cols_shape, dout.dtype)
+        dcols[np.arange(cols_shape[0]), self.arg] = dout.reshape(-1)
+        return col2im(dcols, (n * c, 1, h, w), s, s, s, 0, oh, ow).reshape(n, c, h, w)
+
+
+# ---------------------------------------------------------------------------------------------
+# the net and its training
+
+
+class ConvNet:
+    """conv -> relu -> pool -> affine -> relu -> affine, with softmax cross-entropy on top."""
+
+    def __init__(self, params, conv, pool):
+        self.params = params
+        self.layers = [
+            conv(params["W1"], params["b1"]), Relu(), pool(2),
+            Affine(params["W2"], params["b2"]), Relu(),
+            Affine(params["W3"], params["b3"]),
+        ]
+        self.loss_layer = SoftmaxCrossEntropy()
+        self.owners = {"1": self.layers[0], "2": self.layers[3], "3": self.layers[5]}
+
+    def predict(self, x):
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def loss(self, x, labels):
+        self.scores = self.predict(x)
+        return self.loss_layer.forward(self.scores, labels)
+
+    def gradients(self):
+        d = self.loss_layer.backward()
+        for layer in reversed(self.layers):
+            d = layer.backward(d)
+        grads = {}
+        for key, layer in self.owners.items():
+            grads["W" + key], grads["b" + key] = layer.dW, layer.db
+        return grads
+
+    def accuracy(self, x, labels, batch=200):
+        hits = sum(int(np.sum(self.predict(x[i:i + batch]).argmax(axis=1) == labels[i:i + batch]))
+                   for i in range(0, len(x), batch))
+        return hits / len(x)
+
+
+def init_params(size, dtype, seed, filters=30, kernel=5, hidden=100, classes=10):
+    """He-initialized parameters of the SimpleConvNet shape for (1, size, size) input."""
+    rng = np.random.default_rng(seed)
+    pooled = (size - kernel + 1) // 2
+    flat = filters * pooled * pooled
+
+    def he(shape, fan_in):
+        return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(dtype)
+
+    return {
+        "W1": he((filters, 1, kernel, kernel), kernel * kernel), "b1": np.zeros(filters, dtype),
+        "W2": he((flat, hidden), flat), "b2": np.zeros(hidden, dtype),
+        "W3": he((hidden, classes), hidden), "b3": np.zeros(classes, dtype),
+    }
+
+
+class Adam:
+    """Adam (Kingma & Ba), updating the parameter arrays in place."""
+
+    def __init__(self, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8):
+        self.lr, self.beta1, self.beta2, self.eps = lr, beta1, beta2, eps
+        self.m, self.v, self.t = {}, {}, 0
+
+    def update(self, params, grads):
+        self.t += 1
+        scale = self.lr * np.sqrt(1 - self.beta2 ** self.t) / (1 - self.beta1 ** self.t)
+        for key, p in params.items():
+            g = grads[key]
+            m = self.m.setdefault(key, np.zeros_like(p))
+            v = self.v.setdefault(key, np.zeros_like(p))
+            m += (1 - self.beta1) * (g - m)
+            v += (1 - self.beta2) * (g * g - v)
+            p -= (scale * m / (np.sqrt(v) + self.eps)).astype(p.dtype)
+
+
+class PlainBar:
+    """A minimal stand-in for tqdm: redraws in place on a terminal, one line per epoch otherwise."""
+
+    def __init__(self, total, desc, file=sys.stderr, width=24):
+        self.total, self.desc, self.file, self.width = total, desc, file, width
+        self.n, self.postfix, self.tty = 0, "", file.isatty()
+
+    def update(self, k=1):
+        self.n += k
+        if self.tty:
+            self._draw("\r")
+
+    def set_postfix_str(self, s):
+        self.postfix = s
+
+    def _draw(self, lead):
+        done = self.width * self.n // max(self.total, 1)
+        bar = "#" * done + "-" * (self.width - done)
+        self.file.write(f"{lead}{self.desc} [{bar}] {self.n}/{self.total} {self.postfix}")
+        self.file.flush()
+
+    def close(self):
+        self._draw("\r" if self.tty else "")
+        self.file.write("\n")
+        self.file.flush()
+
+
+def progress(total, desc):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return PlainBar(total, desc)
+    return tqdm(total=total, desc=desc, leave=True)
+
+
+def train(net, data, epochs, batch_size, lr, seed, label):
+    """Mini-batch Adam; returns per-epoch (seconds, train loss, test accuracy)."""
+    x_train, y_train, x_test, y_test = data
+    rng = np.random.default_rng(seed)
+    opt = Adam(lr)
+    n_batches = -(-len(x_train) // batch_size)
+    history = []
+    for epoch in range(1, epochs + 1):
+        order = rng.permutation(len(x_train))
+        bar = progress(n_batches, f"{label} epoch {epoch}/{epochs}")
+        loss_sum = hits = seen = 0
+        elapsed = 0.0
+        for i in range(n_batches):
+            sel = order[i * batch_size:(i + 1) * batch_size]
+            xb, yb = x_train[sel], y_train[sel]
+            t0 = time.perf_counter()
+            loss = net.loss(xb, yb)
+            opt.update(net.params, net.gradients())
+            elapsed += time.perf_counter() - t0
+            loss_sum += loss * len(sel)
+            hits += int(np.sum(net.scores.argmax(axis=1) == yb))
+            seen += len(sel)
+            bar.set_postfix_str(f"loss {loss_sum / seen:.4f} acc {hits / seen:.3f}")
+            bar.update()
+        test_acc = net.accuracy(x_test, y_test)
+        bar.set_postfix_str(f"loss {loss_sum / seen:.4f} acc {hits / seen:.3f} "
+                            f"test acc {test_acc:.3f} ({elapsed:.2f} s)")
+        bar.close()
+        history.append((elapsed, loss_sum / seen, test_acc))
+    return history
+
+
+# ---------------------------------------------------------------------------------------------
+# pictures
+
+
+def save_pictures(net, image, out_dir):
+    """PNGs of the first-layer filters and of their feature maps on ``image``; their paths."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: skipping the PNGs (pip install matplotlib)")
+        return []
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    conv = net.layers[0]
+    filters = np.asarray(conv.W)[:, 0]
+    maps = np.maximum(conv.forward(image[None]), 0)[0]
+
+    def grid(planes, title, path, first=None):
+        count = len(planes) + (first is not None)
+        cols = min(count, 8)
+        rows = -(-count // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.3 * rows + 0.4))
+        axes = np.atleast_1d(axes).ravel()
+        tiles = ([("input", first)] if first is not None else []) + [
+            (str(i), p) for i, p in enumerate(planes)]
+        for ax, (name, tile) in zip(axes, tiles):
+            ax.imshow(tile, cmap="gray", interpolation="nearest")
+            ax.set_title(name, fontsize=7)
+        for ax in axes:
+            ax.axis("off")
+        fig.suptitle(title, fontsize=9)
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        return path
+
+    return [
+        grid(filters, "first-layer filters", out_dir / "filters.png"),
+        grid(maps, "feature maps (after relu) of one test image", out_dir / "feature_maps.png",
+             first=image[0]),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default 10; 3 with --quick)")
+    p.add_argument("--size", type=int, default=None,
+                   help="image size after upscaling (default 28; 16 with --quick)")
+    p.add_argument("--quick", action="store_true", help="a short run: 3 epochs at 16x16")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--method", default="auto", help="fastconv method (default auto)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-reference", action="store_true",
+                   help="skip training the NumPy im2col reference net")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="folder for the PNGs")
+    args = p.parse_args(argv)
+    if args.epochs is None:
+        args.epochs = 3 if args.quick else 10
+    if args.size is None:
+        args.size = 16 if args.quick else 28
+    return args
+
+
+def main(argv=None):
+    """Run the example; returns a dict of results (accuracies, seconds per epoch, PNG paths)."""
+    args = parse_args(argv)
+    dtype = np.dtype(args.dtype)
+    x_train, y_train, x_test, y_test = load_data(args.size, args.seed)
+    data = (x_train.astype(dtype), y_train, x_test.astype(dtype), y_test)
+    print(f"digits: {len(x_train)} train / {len(x_test)} test images of 1x{args.size}x{args.size}"
+          f", {args.dtype}; fastconv methods here: {', '.join(fc.methods('conv2d'))}")
+
+    def fastconv_net():
+        return ConvNet(init_params(args.size, dtype, args.seed),
+                       conv=lambda W, b: fc.Conv2D(W, b, method=args.method),
+                       pool=lambda k: fc.MaxPool2D(k, method=args.method))
+
+    def reference_net():
+        return ConvNet(init_params(args.size, dtype, args.seed), conv=RefConv, pool=RefMaxPool)
+
+    runs = [("fastconv", f"fastconv (method={args.method!r})", fastconv_net)]
+    if not args.no_reference:
+        runs.append(("reference", "NumPy im2col reference", reference_net))
+
+    results = {}
+    for key, title, make in runs:
+        net = make()
+        warm = make()  # compile or load the kernels (and let "auto" choose) outside the timing
+        warm.loss(data[0][:args.batch_size], data[1][:args.batch_size])
+        warm.gradients()
+        history = train(net, data, args.epochs, args.batch_size, args.lr, args.seed, key)
+        seconds = [h[0] for h in history]
+        results[key] = dict(title=title, net=net, test_acc=history[-1][2],
+                            s_per_epoch=float(np.median(seconds)), history=history)
+
+    print(f"\n{'net':<30} {'test acc':>9} {'s/epoch':>9}")
+    for r in results.values():
+        print(f"{r['title']:<30} {r['test_acc']:>9.4f} {r['s_per_epoch']:>9.3f}")
+    if "reference" in results:
+        speedup = results["reference"]["s_per_epoch"] / results["fastconv"]["s_per_epoch"]
+        print(f"fastconv speed-up over the reference: {speedup:.2f}x")
+
+    pngs = save_pictures(results["fastconv"]["net"], data[2][0], args.out)
+    for path in pngs:
+        print(f"wrote {path}")
+    results["pngs"] = [str(p) for p in pngs]
+    return results
+
+
+if __name__ == "__main__":
+    main()
