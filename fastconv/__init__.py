@@ -9,13 +9,18 @@ if "NUMBA_THREADING_LAYER" not in _os.environ:
 
     _numba.config.THREADING_LAYER = "threadsafe"
 
+from ._autotune import autotune
 from ._registry import BackendUnavailableError, methods
 from ._threads import get_num_threads, set_num_threads
 from ._version import __version__
 from .functional import conv2d, conv2d_backward, max_pool2d, max_pool2d_backward
+from .layers import Conv2D, MaxPool2D
 
 __all__ = [
     "BackendUnavailableError",
+    "Conv2D",
+    "MaxPool2D",
+    "autotune",
     "conv2d",
     "conv2d_backward",
     "get_num_threads",

@@ -84,13 +84,17 @@ def candidates(op, spec):
 
 
 def _auto(op, spec):
+    """The method="auto" choice: always one of `candidates` (usable, right side, supports the
+    problem); which one comes from measured times, see fastconv._autotune."""
     ok = candidates(op, spec)
     if not ok:  # only possible for device arrays without a usable CUDA method
         raise BackendUnavailableError(
             f"no method can run {op} on {'device' if spec.on_device else 'host'} arrays here; "
             "see `python -m fastconv info`"
         )
-    return max(ok, key=lambda impl: impl.priority)
+    from . import _autotune
+
+    return _autotune.choose(op, spec, ok)
 
 
 def resolve(op, method, spec) -> Impl:
@@ -154,3 +158,29 @@ register("conv2d", "naive", f"{_NAIVE}:conv2d_forward")
 register("conv2d_backward", "naive", f"{_NAIVE}:conv2d_backward")
 register("max_pool2d", "naive", f"{_NAIVE}:max_pool2d_forward")
 register("max_pool2d_backward", "naive", f"{_NAIVE}:max_pool2d_backward")
+_IM2COL = dict(unavailable=_cython_missing, priority=5)
+register("conv2d", "im2col", "fastconv.kernels.im2col:conv2d_forward", **_IM2COL)
+register("conv2d_backward", "im2col", "fastconv.kernels.im2col:conv2d_backward", **_IM2COL)
+register("max_pool2d", "im2col", "fastconv.kernels.im2col:max_pool2d_forward", **_IM2COL)
+register("max_pool2d_backward", "im2col", "fastconv.kernels.im2col:max_pool2d_backward", **_IM2COL)
+_DIRECT = "fastconv.kernels.direct"
+register("conv2d", "direct", f"{_DIRECT}:conv2d_forward", priority=10)
+register("conv2d_backward", "direct", f"{_DIRECT}:conv2d_backward", priority=10)
+register("max_pool2d", "direct", f"{_DIRECT}:max_pool2d_forward", priority=10)
+register("max_pool2d_backward", "direct", f"{_DIRECT}:max_pool2d_backward", priority=10)
+_CUDA = "fastconv.kernels.cuda"
+_GPU = dict(device="cuda", unavailable=cuda_missing)
+register("conv2d", "cuda-naive", f"{_CUDA}:conv2d_forward_naive", **_GPU)
+register("conv2d_backward", "cuda-naive", f"{_CUDA}:conv2d_backward_naive", **_GPU)
+register("max_pool2d", "cuda-naive", f"{_CUDA}:max_pool2d_forward_naive", **_GPU)
+register("max_pool2d_backward", "cuda-naive", f"{_CUDA}:max_pool2d_backward_naive", **_GPU)
+register("conv2d", "cuda-im2col", f"{_CUDA}:conv2d_forward_im2col", **_GPU, priority=20)
+register("conv2d_backward", "cuda-im2col", f"{_CUDA}:conv2d_backward_im2col", **_GPU,
+         priority=20)
+register("conv2d", "cuda-direct", f"{_CUDA}:conv2d_forward_direct", **_GPU, priority=10)
+register("conv2d_backward", "cuda-direct", f"{_CUDA}:conv2d_backward_direct", **_GPU,
+         priority=10)
+register("max_pool2d", "cuda-direct", f"{_CUDA}:max_pool2d_forward_direct", **_GPU,
+         priority=10)
+register("max_pool2d_backward", "cuda-direct", f"{_CUDA}:max_pool2d_backward_direct", **_GPU,
+         priority=10)

@@ -1,0 +1,284 @@
+"""The command line: ``python -m fastconv bench`` and ``python -m fastconv info``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata
+import os
+import platform
+
+__all__ = ["main", "collect_info"]
+
+
+def _version(dist):
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _threading_layer(run_kernels):
+    """Numba's configured, available and (after running a tiny parallel kernel) active layer."""
+    import numba
+
+    out = {"configured": str(numba.config.THREADING_LAYER)}
+    avail = []
+    for name, mod in (("tbb", "numba.np.ufunc.tbbpool"), ("omp", "numba.np.ufunc.omppool"),
+                      ("workqueue", "numba.np.ufunc.workqueue")):
+        try:
+            importlib.import_module(mod)
+            avail.append(name)
+        except Exception:  # an import error or a broken library
+            pass
+    out["available"] = ", ".join(avail) or "none"
+    if run_kernels:
+        try:
+            out["active"] = _probe_threading_layer()
+        except Exception as e:
+            out["active"] = f"unknown ({type(e).__name__}: {e})"
+    return out
+
+
+def _probe_threading_layer():
+    import numba
+    import numpy as np
+
+    try:
+        return numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet: run one
+        pass
+
+    @numba.njit(parallel=True)
+    def _touch(a):
+        for i in numba.prange(a.shape[0]):
+            a[i] += 1.0
+
+    _touch(np.zeros(16))
+    return numba.threading_layer()
+
+
+def _cuda_info():
+    out = {}
+    try:
+        from numba import cuda
+    except Exception as e:
+        out["numba.cuda"] = f"cannot be imported ({e})"
+        out["gpu"] = "none"
+        return out
+    out["implementation"] = str(getattr(cuda, "implementation", "unknown"))
+    sim = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+    out["simulator"] = "yes (NUMBA_ENABLE_CUDASIM=1)" if sim else "no"
+    if sim:
+        out["gpu"] = "simulator"
+        return out
+    try:
+        available = cuda.is_available()
+    except Exception as e:
+        out["gpu"] = f"none ({e})"
+        return out
+    if not available:
+        out["gpu"] = "none"
+        return out
+    try:
+        dev = cuda.get_current_device()
+        name = dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name)
+        cc = ".".join(map(str, dev.compute_capability))
+        out["gpu"] = f"{name} (compute capability {cc})"
+        out["gpus"] = str(len(cuda.gpus))
+    except Exception as e:
+        out["gpu"] = f"present, but it could not be opened ({e})"
+    try:
+        from numba.cuda.cudadrv.driver import driver
+
+        out["driver"] = ".".join(map(str, driver.get_version()))
+    except Exception:
+        pass
+    try:
+        out["runtime"] = ".".join(map(str, cuda.runtime.get_version()))
+    except Exception:
+        pass
+    return out
+
+
+def _blas_info():
+    import numpy  # noqa: F401  (load the BLAS before asking)
+
+    try:
+        import threadpoolctl
+    except ImportError:
+        return "unknown (threadpoolctl not installed)", []
+    pools = threadpoolctl.threadpool_info()
+    lines = []
+    for p in pools:
+        name = p.get("internal_api", "?")
+        extra = [f"{p.get('num_threads')} threads"]
+        if p.get("threading_layer"):
+            extra.append(f"threading {p['threading_layer']}")
+        if p.get("architecture"):
+            extra.append(p["architecture"])
+        lines.append(f"{p.get('user_api')}: {name} {p.get('version') or ''} "
+                     f"({', '.join(extra)}) {os.path.basename(p.get('filepath', ''))}")
+    blas = [p for p in pools if p.get("user_api") == "blas"]
+    short = ", ".join(f"{p.get('internal_api')} {p.get('version') or ''}".strip()
+                      + f" ({p.get('num_threads')} threads)" for p in blas) or "none found"
+    return short, lines
+
+
+def _compiled_info():
+    out = {}
+    for mod in ("_im2col", "_pool"):
+        try:
+            m = importlib.import_module(f"fastconv.kernels.{mod}")
+        except ImportError as e:
+            if "No module named" in str(e):
+                out[mod] = "not built" if mod == "_im2col" else "not present"
+            else:
+                out[mod] = f"not usable ({e})"
+            continue
+        omp = getattr(m, "OPENMP_ENABLED", None)
+        out[mod] = "built, " + ("with OpenMP" if omp else "serial (no OpenMP)" if omp is not None
+                                else "OpenMP unknown")
+    return out
+
+
+def _methods_info():
+    from . import _registry
+
+    out = {}
+    for op in _registry.OPS:
+        rows = []
+        for m in _registry.known(op):
+            impl = _registry._REGISTRY[op, m]
+            reason = impl.unavailable()
+            state = "usable" if reason is None else f"unavailable: {reason}"
+            rows.append((m, impl.device, state))
+        out[op] = rows
+    return out
+
+
+def collect_info(run_kernels=True) -> dict:
+    """Everything `info` prints, as a dict (also the header of the benchmark's results)."""
+    import numba
+
+    import fastconv as fc
+
+    from . import _autotune
+
+    versions = {"fastconv": fc.__version__, "python": platform.python_version()}
+    for dist in ("numpy", "numba", "numba-cuda", "scipy", "threadpoolctl", "torch",
+                 "matplotlib", "tqdm", "pytest-benchmark"):
+        v = _version(dist)
+        if v is not None:
+            versions[dist] = v
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = os.cpu_count()
+    compiled = _compiled_info()
+    threads = {
+        "fastconv threads": str(fc.get_num_threads()),
+        "NUMBA_NUM_THREADS": str(numba.config.NUMBA_NUM_THREADS),
+    }
+    threads.update({f"threading layer {k}": v for k, v in _threading_layer(run_kernels).items()})
+    for var in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER"):
+        if os.environ.get(var):
+            threads[f"${var}"] = os.environ[var]
+    blas_short, blas_lines = _blas_info()  # after the kernels ran: their OpenMP pools show too
+    return {
+        "machine": f"{_cpu_name()}, {affinity} CPUs, {platform.system()} {platform.release()}",
+        "versions": versions,
+        "compiled": compiled,
+        "threads": threads,
+        "blas": blas_short,
+        "thread pools": blas_lines,
+        "cuda": _cuda_info(),
+        "methods": _methods_info(),
+        "auto": _autotune.describe(),
+    }
+
+
+def _print_info(info):
+    def section(title):
+        print(f"\n__{title}__")
+
+    def kv(k, v, width=28):
+        print(f"{k + ':':<{width}} {v}")
+
+    section("Machine")
+    kv("CPU", info["machine"])
+    section("Versions")
+    for k, v in info["versions"].items():
+        kv(k, v)
+    section("Compiled core (Cython)")
+    for k, v in info["compiled"].items():
+        kv(f"fastconv.kernels.{k}", v)
+    section("Threads")
+    for k, v in info["threads"].items():
+        kv(k, v)
+    section("BLAS and thread pools (threadpoolctl)")
+    kv("BLAS", info["blas"])
+    for line in info["thread pools"]:
+        print(f"  {line}")
+    section("CUDA (numba.cuda)")
+    for k, v in info["cuda"].items():
+        kv(k, v)
+    section("Methods")
+    for op, rows in info["methods"].items():
+        print(f"{op}:")
+        for m, dev, state in rows:
+            print(f"  {m:<14} {dev:<5} {state}")
+    section("method='auto'")
+    for k, v in info["auto"].items():
+        kv(k, v)
+
+
+def _parser():
+    from . import bench
+
+    p = argparse.ArgumentParser(
+        prog="python -m fastconv",
+        description="fastconv: fast conv2d and max-pool kernels for NumPy nets.")
+    sub = p.add_subparsers(dest="command", metavar="{bench,info}")
+    b = sub.add_parser(
+        "bench", help="time every usable method and peer on the shape suite (the main job)",
+        description="Time every usable fastconv method (CPU and GPU), method='auto' and the "
+                    "peers (NumPy im2col reference, scipy.signal, PyTorch) on the shape suite; "
+                    "check each result against the reference; print one table.")
+    bench.add_arguments(b)
+    i = sub.add_parser("info", help="versions, compiled core, threads, BLAS, GPU, methods",
+                       description="What fastconv can use on this machine, and why not.")
+    i.add_argument("--json", action="store_true", help="print the same as JSON")
+    return p
+
+
+def main(argv=None) -> int:
+    """Entry point of ``python -m fastconv`` and the ``fastconv`` script."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "bench":
+        from . import bench
+
+        return bench.main(args)
+    if args.command == "info":
+        info = collect_info()
+        if args.json:
+            import json
+
+            print(json.dumps(info, indent=1))
+        else:
+            _print_info(info)
+        return 0
+    parser.print_help()
+    return 2

@@ -1,0 +1,296 @@
+"""method="auto": it only ever picks a candidate, follows the measured table, and autotunes."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import fastconv as fc
+from fastconv import _autotune, _registry, _validate
+from fastconv.kernels import naive
+from helpers import CONV_CASES
+
+SUITE_LIKE = [  # (x_shape, w_shape, conf): a small and a large problem, and a depthwise one
+    ((2, 3, 8, 8), (4, 3, 3, 3), {}),
+    ((8, 64, 28, 28), (64, 64, 3, 3), dict(padding=1)),
+    ((2, 8, 10, 10), (8, 1, 3, 3), dict(padding=1, groups=8)),
+]
+
+
+@pytest.fixture(autouse=True)
+def fresh_state():
+    """Each test starts from the shipped table, autotuning off, nothing remembered."""
+    saved = (_autotune._tuning.enabled, _autotune._tuning.path)
+    _autotune._tuning.enabled, _autotune._tuning.path = False, None
+    _autotune.set_table([], "empty (test)")
+    _autotune.clear()
+    yield
+    _autotune._tuning.enabled, _autotune._tuning.path = saved
+    _autotune._table.entries = None  # reloaded lazily, from the environment outside the test
+    _autotune.clear()
+
+
+@pytest.fixture
+def fake_methods(monkeypatch):
+    """Replace the conv2d methods by fakes (thin wrappers over naive) for one test."""
+    for key in [k for k in _registry._REGISTRY if k[0] == "conv2d"]:
+        monkeypatch.delitem(_registry._REGISTRY, key)
+    added = []
+
+    def add(method, *, priority=0, supports=lambda spec: True, unavailable=lambda: None,
+            target="fast_conv", device="cpu"):
+        monkeypatch.setitem(
+            _registry._REGISTRY, ("conv2d", method),
+            _registry.Impl("conv2d", method, f"{__name__}:{target}", device, unavailable,
+                           supports, priority))
+        added.append(method)
+
+    yield add
+    _autotune.clear()
+
+
+CALLS = {"fast": 0, "slow": 0}
+
+
+def fast_conv(x, w, b, spec):
+    CALLS["fast"] += 1
+    return naive.conv2d_forward(x, w, b, spec)
+
+
+def slow_conv(x, w, b, spec):
+    CALLS["slow"] += 1
+    time.sleep(0.01)
+    return naive.conv2d_forward(x, w, b, spec)
+
+
+def conv_spec(x_shape, w_shape, dtype=np.float64, **conf):
+    x, w = np.zeros(x_shape, dtype), np.zeros(w_shape, dtype)
+    return _validate.conv2d(x, w, None, conf.get("stride", 1), conf.get("padding", 0),
+                            conf.get("dilation", 1), conf.get("groups", 1))[-1]
+
+
+def table_entry(spec, times, op="conv2d", threads=None):
+    return _autotune.entry_from_spec(op, spec, times, threads=threads or fc.get_num_threads())
+
+
+# ---------------------------------------------------------------------------------------------
+# auto only picks candidates
+
+
+def _all_specs():
+    for case in CONV_CASES:
+        for dtype in (np.float32, np.float64):
+            x, w, b = case.arrays(dtype)
+            c = case.conf
+            args = (c.get("stride", 1), c.get("padding", 0), c.get("dilation", 1),
+                    c.get("groups", 1))
+            yield "conv2d", _validate.conv2d(x, w, b, *args)[-1]
+            g = np.zeros(_validate.conv2d(x, w, b, *args)[-1].out_shape, dtype)
+            yield "conv2d_backward", _validate.conv2d_backward(g, x, w, *args)[-1]
+    for opts in (dict(kernel_size=2), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True),
+                 dict(kernel_size=(3, 2), stride=(1, 2), padding=(1, 1), dilation=(2, 1))):
+        x = np.zeros((2, 3, 11, 9))
+        args = (opts["kernel_size"], opts.get("stride"), opts.get("padding", 0),
+                opts.get("dilation", 1), opts.get("ceil_mode", False))
+        spec = _validate.max_pool2d(x, *args)[-1]
+        yield "max_pool2d", spec
+        idx = np.zeros(spec.out_shape, np.int64)
+        yield "max_pool2d_backward", _validate.max_pool2d_backward(
+            np.zeros(spec.out_shape), idx, x.shape, *args)[-1]
+
+
+@pytest.mark.parametrize("use_table", [False, True], ids=["priority", "table"])
+def test_auto_picks_a_usable_method_that_supports_the_problem(use_table):
+    specs = list(_all_specs())
+    if use_table:  # a table that claims every method is fastest somewhere
+        entries = []
+        for i, (op, spec) in enumerate(specs):
+            names = _registry.known(op)
+            entries.append(table_entry(spec, {m: 1.0 + (j - i) % len(names)
+                                              for j, m in enumerate(names)}, op=op))
+        _autotune.set_table(entries)
+    for op, spec in specs:
+        impl = _registry.resolve(op, "auto", spec)
+        assert impl in _registry.candidates(op, spec), (op, spec, impl.method)
+        assert impl.unavailable() is None and impl.supports(spec)
+        assert impl.device == "cpu"
+
+
+def test_auto_never_picks_an_unsupported_or_unavailable_method(fake_methods):
+    fake_methods("fake-any")
+    fake_methods("fake-nogroups", priority=100, supports=lambda spec: spec.groups == 1)
+    fake_methods("fake-missing", priority=200, unavailable=lambda: "not built here")
+    plain = conv_spec((2, 4, 8, 8), (4, 4, 3, 3))
+    grouped = conv_spec((2, 4, 8, 8), (4, 2, 3, 3), groups=2)
+    # the table says the fakes are by far the fastest, on both problems
+    _autotune.set_table([table_entry(s, {"fake-nogroups": 1e-6, "fake-missing": 1e-7,
+                                         "fake-any": 1.0}) for s in (plain, grouped)])
+    assert _registry.resolve("conv2d", "auto", plain).method == "fake-nogroups"
+    assert _registry.resolve("conv2d", "auto", grouped).method != "fake-nogroups"
+    for spec in (plain, grouped):
+        assert _registry.resolve("conv2d", "auto", spec).method != "fake-missing"
+    # and the answer runs
+    x, w = np.ones((2, 4, 8, 8)), np.ones((4, 2, 3, 3))
+    np.testing.assert_allclose(fc.conv2d(x, w, groups=2), fc.conv2d(x, w, groups=2,
+                                                                   method="fake-any"))
+
+
+def test_auto_on_device_arrays_only_considers_gpu_methods():
+    spec = conv_spec((1, 1, 5, 5), (1, 1, 3, 3))._replace(on_device=True)
+    cands = _registry.candidates("conv2d", spec)
+    assert all(i.device == "cuda" for i in cands)
+    if not cands:
+        with pytest.raises(fc.BackendUnavailableError, match="python -m fastconv info"):
+            _registry.resolve("conv2d", "auto", spec)
+    else:
+        assert _registry.resolve("conv2d", "auto", spec).device == "cuda"
+
+
+# ---------------------------------------------------------------------------------------------
+# the policy table
+
+
+def test_policy_follows_the_nearest_measured_problem(fake_methods):
+    for m in ("fake-a", "fake-b", "fake-c"):
+        fake_methods(m)
+    small, large = (conv_spec(x, w, **c) for x, w, c in SUITE_LIKE[:2])
+    _autotune.set_table([table_entry(small, {"fake-a": 1.0, "fake-b": 2.0, "fake-c": 3.0}),
+                         table_entry(large, {"fake-a": 2.0, "fake-b": 1.0, "fake-c": 30.0})])
+    assert _registry.resolve("conv2d", "auto", small).method == "fake-a"
+    assert _registry.resolve("conv2d", "auto", large).method == "fake-b"
+    # near the large problem (batch 16 instead of 8): its ranking
+    near_large = conv_spec((16, 64, 28, 28), (64, 64, 3, 3), padding=1)
+    assert _registry.resolve("conv2d", "auto", near_large).method == "fake-b"
+    # the other dtype still finds its nearest shape
+    small32 = conv_spec(SUITE_LIKE[0][0], SUITE_LIKE[0][1], np.float32)
+    assert _registry.resolve("conv2d", "auto", small32).method == "fake-a"
+    ranking = _autotune.predict("conv2d", large, {"fake-a", "fake-b", "fake-c"})
+    assert [m for m, _ in ranking] == ["fake-b", "fake-a", "fake-c"]
+
+
+def test_a_method_the_table_never_measured_wins_only_by_priority(fake_methods):
+    spec = conv_spec(*SUITE_LIKE[0][:2])
+    fake_methods("fake-measured", priority=5)
+    fake_methods("fake-other", priority=7)
+    fake_methods("fake-new-low", priority=1)
+    _autotune.set_table([table_entry(spec, {"fake-measured": 1.0, "fake-other": 2.0})])
+    assert _registry.resolve("conv2d", "auto", spec).method == "fake-measured"
+    fake_methods("fake-new-high", priority=50)
+    _autotune.clear()
+    assert _registry.resolve("conv2d", "auto", spec).method == "fake-new-high"
+
+
+def test_without_a_table_the_highest_priority_wins(fake_methods):
+    fake_methods("fake-low", priority=1)
+    fake_methods("fake-top", priority=2)
+    assert _registry.resolve("conv2d", "auto", conv_spec(*SUITE_LIKE[0][:2])).method == \
+        "fake-top"
+
+
+def test_table_from_the_user_cache_dir_and_the_environment(tmp_path, monkeypatch):
+    spec = conv_spec(*SUITE_LIKE[0][:2])
+    monkeypatch.setenv("FASTCONV_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("FASTCONV_AUTO_TABLE", raising=False)
+    (tmp_path / "auto_table.json").write_text(json.dumps(
+        {"entries": [table_entry(spec, {"naive": 1.0})]}))
+    entries, source = _autotune.load_table(force=True)
+    assert len(entries) == 1 and "user cache" in source
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps([table_entry(spec, {"naive": 1.0}), table_entry(spec, {})]))
+    monkeypatch.setenv("FASTCONV_AUTO_TABLE", str(other))
+    entries, source = _autotune.load_table(force=True)
+    assert len(entries) == 1 and "FASTCONV_AUTO_TABLE" in source  # the empty entry is dropped
+    other.write_text("{not json")
+    with pytest.warns(RuntimeWarning, match="ignoring the auto policy table"):
+        _autotune.load_table(force=True)
+
+
+def test_the_shipped_table_is_well_formed():
+    from fastconv import _autotable
+
+    for e in _autotable.ENTRIES:
+        assert e["op"] in _registry.OPS and e["device"] in ("cpu", "cuda")
+        assert e["dtype"] in ("float32", "float64") and e["times"]
+        assert all(t > 0 for t in e["times"].values())
+
+
+# ---------------------------------------------------------------------------------------------
+# the measured mode
+
+
+def test_autotune_times_once_then_remembers(fake_methods):
+    fake_methods("fake-fast", target="fast_conv")
+    fake_methods("fake-slow", target="slow_conv", priority=10**6)  # the policy's choice
+    x, w = np.ones((2, 3, 8, 8)), np.ones((4, 3, 3, 3))
+    spec = conv_spec(x.shape, w.shape)
+    assert _registry.resolve("conv2d", "auto", spec).method == "fake-slow"
+    with fc.autotune(cache=False):
+        before = _autotune._tuning.measurements
+        assert _registry.resolve("conv2d", "auto", spec).method == "fake-fast"
+        assert _autotune._tuning.measurements == before + 1
+        CALLS.update(fast=0, slow=0)
+        for _ in range(3):
+            y = fc.conv2d(x, w)
+        assert _autotune._tuning.measurements == before + 1  # remembered: no new timing
+        assert CALLS == {"fast": 3, "slow": 0}
+        np.testing.assert_allclose(y, naive.conv2d_forward(x, w, None, spec))
+        # another shape is a new problem
+        fc.conv2d(np.ones((1, 3, 9, 9)), w)
+        assert _autotune._tuning.measurements == before + 2
+    assert not _autotune._tuning.enabled  # the with block restored the setting
+    assert _registry.resolve("conv2d", "auto", spec).method == "fake-slow"
+
+
+def test_autotune_cache_file_is_shared(fake_methods, tmp_path):
+    fake_methods("fake-fast", target="fast_conv")
+    fake_methods("fake-slow", target="slow_conv", priority=10**6)
+    spec = conv_spec((2, 3, 8, 8), (4, 3, 3, 3))
+    path = tmp_path / "sub" / "autotune.json"
+    fc.autotune(cache=path)
+    assert _registry.resolve("conv2d", "auto", spec).method == "fake-fast"
+    data = json.loads(path.read_text())
+    (record,) = data["choices"].values()
+    assert record["method"] == "fake-fast" and set(record["times"]) == {"fake-fast", "fake-slow"}
+    # a new process (simulated: memory cleared) reads the file instead of timing again
+    _autotune.clear()
+    before = _autotune._tuning.measurements
+    assert _registry.resolve("conv2d", "auto", spec).method == "fake-fast"
+    assert _autotune._tuning.measurements == before
+    fc.autotune(False)
+    assert not _autotune._tuning.enabled
+
+
+def test_autotune_cache_true_uses_the_user_cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTCONV_CACHE_DIR", str(tmp_path))
+    with fc.autotune(cache=True):
+        assert _autotune._tuning.path == tmp_path / "autotune.json"
+    assert _autotune._tuning.path is None
+
+
+@pytest.mark.parametrize("op", _registry.OPS)
+def test_autotune_runs_every_op_with_the_real_methods(op):
+    """Random inputs of every op are valid for every registered CPU method."""
+    specs = [s for o, s in _all_specs() if o == op][:2]
+    with fc.autotune():
+        for spec in specs:
+            impl = _registry.resolve(op, "auto", spec)
+            assert impl in _registry.candidates(op, spec)
+    cands = {i.method: i for i in _registry.candidates(op, specs[0])}
+    times = _autotune._time_candidates(op, specs[0], cands)
+    assert set(times) == set(cands) and all(t > 0 for t in times.values())
+
+
+def test_environment_turns_autotune_on(tmp_path):
+    code = ("import fastconv._autotune as a; print(a._tuning.enabled, a._tuning.path)")
+    env = dict(os.environ, FASTCONV_AUTOTUNE="1", FASTCONV_AUTOTUNE_CACHE="1",
+               FASTCONV_CACHE_DIR=str(tmp_path))
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(os.path.dirname(fc.__file__)), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", str(tmp_path / "autotune.json")]
