@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import warnings
 from typing import Callable, NamedTuple
 
 __all__ = ["BackendUnavailableError", "register", "resolve", "methods", "OPS"]
@@ -137,7 +138,9 @@ def _cython_missing():
 def cuda_missing():
     """None when a CUDA method can run here (a GPU, or the simulator), else the reason."""
     try:
-        from numba import cuda
+        with warnings.catch_warnings():  # numba-cuda's import warns under newer NumPy
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from numba import cuda
     except Exception as e:  # numba without its CUDA target
         return f"numba.cuda cannot be imported ({e})"
     if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
@@ -174,12 +177,12 @@ register("conv2d", "cuda-naive", f"{_CUDA}:conv2d_forward_naive", **_GPU)
 register("conv2d_backward", "cuda-naive", f"{_CUDA}:conv2d_backward_naive", **_GPU)
 register("max_pool2d", "cuda-naive", f"{_CUDA}:max_pool2d_forward_naive", **_GPU)
 register("max_pool2d_backward", "cuda-naive", f"{_CUDA}:max_pool2d_backward_naive", **_GPU)
-register("conv2d", "cuda-im2col", f"{_CUDA}:conv2d_forward_im2col", **_GPU, priority=20)
+register("conv2d", "cuda-im2col", f"{_CUDA}:conv2d_forward_im2col", **_GPU, priority=10)
 register("conv2d_backward", "cuda-im2col", f"{_CUDA}:conv2d_backward_im2col", **_GPU,
-         priority=20)
-register("conv2d", "cuda-direct", f"{_CUDA}:conv2d_forward_direct", **_GPU, priority=10)
-register("conv2d_backward", "cuda-direct", f"{_CUDA}:conv2d_backward_direct", **_GPU,
          priority=10)
+register("conv2d", "cuda-direct", f"{_CUDA}:conv2d_forward_direct", **_GPU, priority=20)
+register("conv2d_backward", "cuda-direct", f"{_CUDA}:conv2d_backward_direct", **_GPU,
+         priority=20)
 register("max_pool2d", "cuda-direct", f"{_CUDA}:max_pool2d_forward_direct", **_GPU,
          priority=10)
 register("max_pool2d_backward", "cuda-direct", f"{_CUDA}:max_pool2d_backward_direct", **_GPU,

@@ -148,16 +148,23 @@ def _resolve_padding(padding, k_eff, size, stride):
 
 
 def is_device_array(a) -> bool:
-    """True for arrays living on a GPU (anything exporting ``__cuda_array_interface__``)."""
-    return hasattr(a, "__cuda_array_interface__") and not isinstance(a, np.ndarray)
+    """True for arrays living on a GPU: anything exporting ``__cuda_array_interface__``, and
+    Numba's device arrays (whose simulator versions export no interface)."""
+    if isinstance(a, np.ndarray):
+        return False
+    return hasattr(a, "__cuda_array_interface__") or bool(getattr(a, "__cuda_ndarray__", False))
 
 
 def _device_dtype(a) -> np.dtype:
-    return np.dtype(a.__cuda_array_interface__["typestr"])
+    if hasattr(a, "__cuda_array_interface__"):
+        return np.dtype(a.__cuda_array_interface__["typestr"])
+    return np.dtype(a.dtype)
 
 
 def _device_shape(a) -> tuple[int, ...]:
-    return tuple(a.__cuda_array_interface__["shape"])
+    if hasattr(a, "__cuda_array_interface__"):
+        return tuple(a.__cuda_array_interface__["shape"])
+    return tuple(a.shape)
 
 
 def _as_array(a, name: str, ndim: int):

@@ -1,8 +1,11 @@
 import os
+import sys
 
 import pytest
 
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+if SIM:  # the simulator runs each GPU thread as a Python thread: switch between them sooner
+    sys.setswitchinterval(1e-4)
 
 
 def pytest_collection_modifyitems(config, items):
