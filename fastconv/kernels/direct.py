@@ -1,0 +1,1307 @@
+"""Direct-loop conv2d and max-pool (Numba, CPU, parallel), with no column buffer.
+
+Inputs are already validated and converted (see fastconv._validate): C-contiguous arrays of
+``spec.dtype``. Kernels never look at user input beyond that.
+
+How a convolution runs here
+---------------------------
+Forward and grad-input are both one *tap-list correlation*. The source (the input, or the
+grad-output) is laid out in a zero-padded grid of width ``gw``; with stride > 1 the grid is
+split into stride phases (``xq[c, a, b, u, v] = xpad[c, u*sh + a, v*sw + b]``), so every tap
+reads a stride-1 window of one phase plane. Output pixel ``(i, j)`` is then grid position
+``t = i*gw + j`` and each tap ``(c, p, q)`` is a constant offset: ``acc[t] += w * src[off + t]``.
+Flattening rows this way gives one long contiguous loop per tile (the columns ``j >= OW`` are
+computed and dropped). The reduction is cut into chunks of 9 taps; a micro-kernel keeps the 9
+weights of 4 output channels in registers and makes one pass over the tile per chunk, so each
+loaded input vector feeds 4 FMAs and each accumulator load/store 9 of them. 1x1, 3x3, 5x5 and
+11x11 kernels, dilation and groups differ only in their offset tables.
+
+In the forward pass each work item builds just the grid rows of its tile (all channels its
+output channels read), in cache, right before using them: no padded copy of the whole input
+exists, and the input is read from memory once. The backward pass works on one padded copy of
+the grad-output and, for grad-weight, one of the input.
+
+Grad-input with stride > 1 runs once per output phase ``(h % sh, w % sw)``: each phase is a
+stride-1 correlation of the padded grad-output with the taps that land on it. Grad-weight uses
+the same two grids (their widths are made equal) and reduces over ``t`` with 2 output channels
+x 9 taps of vector accumulators. Stride-1 depthwise backward has a fused kernel that pads one
+plane of the grad-output and of the input locally and computes all three gradients from them.
+
+Every parallel loop writes disjoint outputs and sums in a fixed order, so results do not depend
+on the thread count and are bit-identical from run to run.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import numba
+import numpy as np
+from numba import int32, int64, njit, prange, types, uint64
+from numba.extending import intrinsic
+
+__all__ = ["conv2d_forward", "conv2d_backward", "max_pool2d_forward", "max_pool2d_backward"]
+
+TAPS = 9  # taps per micro-kernel pass: one 3x3 kernel, or a chunk of a longer reduction
+KB = 4  # output channels per forward / grad-input micro-kernel
+KBW = 2  # output channels per grad-weight micro-kernel (2 x 9 accumulators fit the registers)
+TILE = 1024  # target elements per output tile (4 accumulator rows stay in L1)
+TILE_LOCAL = 4096  # the same for depthwise tiles, which hold one accumulator row
+
+# FMA contraction only: no assumption about NaN/inf, so NaN and inf propagate as in naive.py.
+_FM = {"contract"}
+# Grad-weight and bias sums are reductions: reassociation lets them vectorize. The order is
+# still fixed by the compiled code, so results stay deterministic.
+_FMR = {"contract", "reassoc"}
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+_jcdiv = njit(cache=True, nogil=True)(_cdiv)
+
+
+# ---------------------------------------------------------------------------------------------
+# micro-kernels. Indices are unsigned (base + offset + t), so Numba emits no wraparound check
+# and the t loop vectorizes; weights are hoisted to scalars; each loads an accumulator once per
+# 9 taps. They loop over all chunks themselves: a call, its alias checks and spills cost about
+# as much as a short pass.
+
+
+@intrinsic
+def _wide(typingctx):
+    """Let LLVM vectorize the calling function with 512-bit registers where the CPU has them.
+
+    On AVX-512 machines LLVM's cost model defaults to 256-bit vectors for auto-vectorized loops
+    ("prefer-vector-width"); these loops are FMA-bound, so zmm registers do about 1.3x the work.
+    The attribute is a tuning hint and harmless elsewhere; if llvmlite ever refuses it, it is
+    skipped and the kernels stay correct with 256-bit vectors.
+    """
+
+    def codegen(context, builder, sig, args):
+        try:
+            set.add(builder.function.attributes, '"prefer-vector-width"="512"')
+        except Exception:  # pragma: no cover - a future llvmlite
+            pass
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
+@njit(cache=True, nogil=True, fastmath=_FM)
+def _mk4(src, offs, wpk, acc, base, n):
+    """acc[r, :n] += sum over chunks c and taps j of wpk[c, j, r] * src[base + offs[c, j] + t]."""
+    _wide()
+    for ch in range(offs.shape[0]):
+        o0 = uint64(base + offs[ch, 0])
+        o1 = uint64(base + offs[ch, 1])
+        o2 = uint64(base + offs[ch, 2])
+        o3 = uint64(base + offs[ch, 3])
+        o4 = uint64(base + offs[ch, 4])
+        o5 = uint64(base + offs[ch, 5])
+        o6 = uint64(base + offs[ch, 6])
+        o7 = uint64(base + offs[ch, 7])
+        o8 = uint64(base + offs[ch, 8])
+        w00, w01, w02, w03 = wpk[ch, 0, 0], wpk[ch, 0, 1], wpk[ch, 0, 2], wpk[ch, 0, 3]
+        w10, w11, w12, w13 = wpk[ch, 1, 0], wpk[ch, 1, 1], wpk[ch, 1, 2], wpk[ch, 1, 3]
+        w20, w21, w22, w23 = wpk[ch, 2, 0], wpk[ch, 2, 1], wpk[ch, 2, 2], wpk[ch, 2, 3]
+        w30, w31, w32, w33 = wpk[ch, 3, 0], wpk[ch, 3, 1], wpk[ch, 3, 2], wpk[ch, 3, 3]
+        w40, w41, w42, w43 = wpk[ch, 4, 0], wpk[ch, 4, 1], wpk[ch, 4, 2], wpk[ch, 4, 3]
+        w50, w51, w52, w53 = wpk[ch, 5, 0], wpk[ch, 5, 1], wpk[ch, 5, 2], wpk[ch, 5, 3]
+        w60, w61, w62, w63 = wpk[ch, 6, 0], wpk[ch, 6, 1], wpk[ch, 6, 2], wpk[ch, 6, 3]
+        w70, w71, w72, w73 = wpk[ch, 7, 0], wpk[ch, 7, 1], wpk[ch, 7, 2], wpk[ch, 7, 3]
+        w80, w81, w82, w83 = wpk[ch, 8, 0], wpk[ch, 8, 1], wpk[ch, 8, 2], wpk[ch, 8, 3]
+        for t in range(uint64(n)):
+            v = src[o0 + t]
+            b0 = acc[0, t] + w00 * v
+            b1 = acc[1, t] + w01 * v
+            b2 = acc[2, t] + w02 * v
+            b3 = acc[3, t] + w03 * v
+            v = src[o1 + t]
+            b0 += w10 * v
+            b1 += w11 * v
+            b2 += w12 * v
+            b3 += w13 * v
+            v = src[o2 + t]
+            b0 += w20 * v
+            b1 += w21 * v
+            b2 += w22 * v
+            b3 += w23 * v
+            v = src[o3 + t]
+            b0 += w30 * v
+            b1 += w31 * v
+            b2 += w32 * v
+            b3 += w33 * v
+            v = src[o4 + t]
+            b0 += w40 * v
+            b1 += w41 * v
+            b2 += w42 * v
+            b3 += w43 * v
+            v = src[o5 + t]
+            b0 += w50 * v
+            b1 += w51 * v
+            b2 += w52 * v
+            b3 += w53 * v
+            v = src[o6 + t]
+            b0 += w60 * v
+            b1 += w61 * v
+            b2 += w62 * v
+            b3 += w63 * v
+            v = src[o7 + t]
+            b0 += w70 * v
+            b1 += w71 * v
+            b2 += w72 * v
+            b3 += w73 * v
+            v = src[o8 + t]
+            b0 += w80 * v
+            b1 += w81 * v
+            b2 += w82 * v
+            b3 += w83 * v
+            acc[0, t] = b0
+            acc[1, t] = b1
+            acc[2, t] = b2
+            acc[3, t] = b3
+
+
+@njit(cache=True, nogil=True, fastmath=_FM)
+def _mk1(src, offs, wpk, acc, base, n):
+    """_mk4 for one output channel (depthwise, and a last channel of a group)."""
+    _wide()
+    for ch in range(offs.shape[0]):
+        o0 = uint64(base + offs[ch, 0])
+        o1 = uint64(base + offs[ch, 1])
+        o2 = uint64(base + offs[ch, 2])
+        o3 = uint64(base + offs[ch, 3])
+        o4 = uint64(base + offs[ch, 4])
+        o5 = uint64(base + offs[ch, 5])
+        o6 = uint64(base + offs[ch, 6])
+        o7 = uint64(base + offs[ch, 7])
+        o8 = uint64(base + offs[ch, 8])
+        w0, w1, w2 = wpk[ch, 0, 0], wpk[ch, 1, 0], wpk[ch, 2, 0]
+        w3, w4, w5 = wpk[ch, 3, 0], wpk[ch, 4, 0], wpk[ch, 5, 0]
+        w6, w7, w8 = wpk[ch, 6, 0], wpk[ch, 7, 0], wpk[ch, 8, 0]
+        for t in range(uint64(n)):
+            b = acc[0, t] + w0 * src[o0 + t]
+            b += w1 * src[o1 + t]
+            b += w2 * src[o2 + t]
+            b += w3 * src[o3 + t]
+            b += w4 * src[o4 + t]
+            b += w5 * src[o5 + t]
+            b += w6 * src[o6 + t]
+            b += w7 * src[o7 + t]
+            b += w8 * src[o8 + t]
+            acc[0, t] = b
+
+
+@njit(cache=True, nogil=True, fastmath=_FMR)
+def _dwk2(xs, offs, gs, g0, g1, sums, n):
+    """sums[j, r] += sum_t gs[g_r + t] * xs[offs[j] + t] for 9 taps j and 2 channels r."""
+    _wide()
+    o0 = uint64(offs[0])
+    o1 = uint64(offs[1])
+    o2 = uint64(offs[2])
+    o3 = uint64(offs[3])
+    o4 = uint64(offs[4])
+    o5 = uint64(offs[5])
+    o6 = uint64(offs[6])
+    o7 = uint64(offs[7])
+    o8 = uint64(offs[8])
+    h0, h1 = uint64(g0), uint64(g1)
+    c00, c01 = sums[0, 0], sums[0, 1]
+    c10, c11 = sums[1, 0], sums[1, 1]
+    c20, c21 = sums[2, 0], sums[2, 1]
+    c30, c31 = sums[3, 0], sums[3, 1]
+    c40, c41 = sums[4, 0], sums[4, 1]
+    c50, c51 = sums[5, 0], sums[5, 1]
+    c60, c61 = sums[6, 0], sums[6, 1]
+    c70, c71 = sums[7, 0], sums[7, 1]
+    c80, c81 = sums[8, 0], sums[8, 1]
+    for t in range(uint64(n)):
+        u = gs[h0 + t]
+        v = gs[h1 + t]
+        x = xs[o0 + t]
+        c00 += u * x
+        c01 += v * x
+        x = xs[o1 + t]
+        c10 += u * x
+        c11 += v * x
+        x = xs[o2 + t]
+        c20 += u * x
+        c21 += v * x
+        x = xs[o3 + t]
+        c30 += u * x
+        c31 += v * x
+        x = xs[o4 + t]
+        c40 += u * x
+        c41 += v * x
+        x = xs[o5 + t]
+        c50 += u * x
+        c51 += v * x
+        x = xs[o6 + t]
+        c60 += u * x
+        c61 += v * x
+        x = xs[o7 + t]
+        c70 += u * x
+        c71 += v * x
+        x = xs[o8 + t]
+        c80 += u * x
+        c81 += v * x
+    sums[0, 0], sums[0, 1] = c00, c01
+    sums[1, 0], sums[1, 1] = c10, c11
+    sums[2, 0], sums[2, 1] = c20, c21
+    sums[3, 0], sums[3, 1] = c30, c31
+    sums[4, 0], sums[4, 1] = c40, c41
+    sums[5, 0], sums[5, 1] = c50, c51
+    sums[6, 0], sums[6, 1] = c60, c61
+    sums[7, 0], sums[7, 1] = c70, c71
+    sums[8, 0], sums[8, 1] = c80, c81
+
+
+@njit(cache=True, nogil=True, fastmath=_FMR)
+def _dwk1(xs, offs, gs, g0, sums, n):
+    """_dwk2 for one output channel."""
+    _wide()
+    o0 = uint64(offs[0])
+    o1 = uint64(offs[1])
+    o2 = uint64(offs[2])
+    o3 = uint64(offs[3])
+    o4 = uint64(offs[4])
+    o5 = uint64(offs[5])
+    o6 = uint64(offs[6])
+    o7 = uint64(offs[7])
+    o8 = uint64(offs[8])
+    h0 = uint64(g0)
+    c0, c1, c2 = sums[0, 0], sums[1, 0], sums[2, 0]
+    c3, c4, c5 = sums[3, 0], sums[4, 0], sums[5, 0]
+    c6, c7, c8 = sums[6, 0], sums[7, 0], sums[8, 0]
+    for t in range(uint64(n)):
+        u = gs[h0 + t]
+        c0 += u * xs[o0 + t]
+        c1 += u * xs[o1 + t]
+        c2 += u * xs[o2 + t]
+        c3 += u * xs[o3 + t]
+        c4 += u * xs[o4 + t]
+        c5 += u * xs[o5 + t]
+        c6 += u * xs[o6 + t]
+        c7 += u * xs[o7 + t]
+        c8 += u * xs[o8 + t]
+    sums[0, 0], sums[1, 0], sums[2, 0] = c0, c1, c2
+    sums[3, 0], sums[4, 0], sums[5, 0] = c3, c4, c5
+    sums[6, 0], sums[7, 0], sums[8, 0] = c6, c7, c8
+
+
+
+# ---------------------------------------------------------------------------------------------
+# parallel drivers
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _correlate_nchw(src, offs, wpk, blocks, bias, has_bias, out, gw, nvr, nvc, ys, yo, xs, xo,
+                    tile_rows, nkpart, local, geom):
+    """out[n, k, r*ys + yo, v*xs + xo] = bias[k] + sum over taps of w * src[n, off + r*gw + v].
+
+    src is (images, flat grid); offs[g, chunk, 9] the tap offsets of group g; wpk[block, chunk,
+    9, 4] the packed weights; blocks[block] = (first channel, valid channels 1..4, group).
+    Work items are (image, tile of rows, part of the channel blocks); each writes its own part
+    of out. (The loop body is a plain function: Numba compiles a large prange body slowly.)
+
+    With ``local``, src is the unpadded input (images, C*H*W) and each item builds the grid rows
+    of its tile for just its groups' channels (geom = C, H, W, pt, pl, sh, sw, grid rows per
+    tile, channels per group): for depthwise layers this halves the memory traffic.
+    """
+    n_items = src.shape[0] * _jcdiv(nvr, tile_rows) * nkpart
+    for item in prange(n_items):
+        # int64(): prange may hand out unsigned indices, which would compile a second version
+        _correlate_item(int64(item), src, offs, wpk, blocks, bias, has_bias, out, gw, nvr, nvc,
+                        ys, yo, xs, xo, tile_rows, nkpart, local, geom)
+
+
+@njit(cache=True, nogil=True)
+def _correlate_item(item, src, offs, wpk, blocks, bias, has_bias, out, gw, nvr, nvc, ys, yo, xs,
+                    xo, tile_rows, nkpart, local, geom):
+    _, h, w, pt, pl, sh, sw, lrows, cg = geom
+    n_blk = wpk.shape[0]
+    n_tiles = _jcdiv(nvr, tile_rows)
+    per_part = _jcdiv(n_blk, nkpart)
+    k_out, oh_out, ow_out = out.shape[1], out.shape[2], out.shape[3]
+    of = out.reshape(-1)
+    n = item // (n_tiles * nkpart)
+    tile = (item // nkpart) % n_tiles
+    part = item % nkpart
+    r0 = tile * tile_rows
+    nr = min(tile_rows, nvr - r0)
+    t0 = r0 * gw
+    m = (nr - 1) * gw + nvc  # the last row stops at its last valid column
+    b_lo, b_hi = part * per_part, min(n_blk, (part + 1) * per_part)
+    if b_lo >= b_hi:  # parts of ceil(n_blk / nkpart) blocks can leave the last ones empty
+        return
+    acc = np.empty((KB, _jcdiv(tile_rows * gw, 16) * 16), dtype=out.dtype)
+    if local:
+        lchan = sh * sw * lrows * gw  # a channel's share of the tile grid
+        c_lo, c_hi = blocks[b_lo, 2] * cg, (blocks[b_hi - 1, 2] + 1) * cg
+        img = np.empty((c_hi - c_lo) * lchan, dtype=out.dtype)
+        for c in range(c_lo, c_hi):
+            _fill_grid(src[n], c * h * w, h, w, img, (c - c_lo) * lchan, pt, pl, sh, sw, r0,
+                       lrows, gw)
+        t0 = -c_lo * lchan
+    else:
+        img = src[n]
+    for blk in range(b_lo, b_hi):
+        k0, nv, grp = blocks[blk, 0], blocks[blk, 1], blocks[blk, 2]
+        for r in range(KB if nv > 1 else 1):
+            for t in range(uint64(m)):  # a slice assignment here is several times slower
+                acc[r, t] = 0
+        if nv == 1:
+            _mk1(img, offs[grp], wpk[blk], acc, t0, m)
+        else:
+            _mk4(img, offs[grp], wpk[blk], acc, t0, m)
+        for r in range(nv):
+            k = k0 + r
+            obase = ((n * k_out + k) * oh_out + yo) * ow_out + xo
+            for rr in range(nr):
+                a0 = uint64(rr * gw)
+                o0 = uint64(obase + (r0 + rr) * ys * ow_out)
+                if xs != 1:
+                    for v in range(uint64(nvc)):
+                        of[o0 + v * uint64(xs)] = acc[r, a0 + v]
+                elif has_bias:
+                    bk = bias[k]
+                    for v in range(uint64(nvc)):
+                        of[o0 + v] = acc[r, a0 + v] + bk
+                else:
+                    for v in range(uint64(nvc)):
+                        of[o0 + v] = acc[r, a0 + v]
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _grad_weight_nchw(xsrc, gsrc, offs, widx, blocks, gbase, gplane, n_red, dwflat, cgrs):
+    """dw[k, tap] = sum_n sum_t g[n, k, t] * x[n, off(tap) + t], x and g on grids of one width.
+
+    gsrc[n] holds grad-output planes of gplane elements, each read from gbase for n_red elements
+    (its padding columns are zero, so they add nothing). Work items are (block of up to 2
+    channels, chunk of 9 taps); each sums over all images in order.
+    """
+    for item in prange(blocks.shape[0] * widx.shape[0]):
+        _grad_weight_item(int64(item), xsrc, gsrc, offs, widx, blocks, gbase, gplane, n_red,
+                          dwflat, cgrs)
+
+
+@njit(cache=True, nogil=True)
+def _grad_weight_item(item, xsrc, gsrc, offs, widx, blocks, gbase, gplane, n_red, dwflat, cgrs):
+    n_ch = widx.shape[0]
+    blk = item // n_ch
+    ch = item % n_ch
+    k0, nv, grp = blocks[blk, 0], blocks[blk, 1], blocks[blk, 2]
+    o = offs[grp, ch]
+    sums = np.zeros((TAPS, KBW), dtype=dwflat.dtype)
+    g0 = k0 * gplane + gbase
+    for n in range(xsrc.shape[0]):
+        if nv == 1:
+            _dwk1(xsrc[n], o, gsrc[n], g0, sums, n_red)
+        else:
+            _dwk2(xsrc[n], o, gsrc[n], g0, g0 + gplane, sums, n_red)
+    for j in range(TAPS):
+        if widx[ch, j] >= 0:
+            for r in range(nv):
+                dwflat[(k0 + r) * cgrs + widx[ch, j]] = sums[j, r]
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _depthwise_backward_nchw(x, g, goffs, wpk, dx, xoffs, uniq, part_w, part_b, need, geom):
+    """All gradients of a stride-1 depthwise conv (groups == C == K), one (n, c) plane per item.
+
+    Each item pads its grad-output plane and its input plane locally (in cache), then computes
+    dx, its image's share of dw (part_w[n, c]) and of db (part_b[n, c]): the memory traffic is
+    one read of g and x and one write of dx, against four extra full passes on the general
+    path. The shares are summed over images afterwards, in a fixed order.
+    """
+    for nc in prange(x.shape[0] * x.shape[1]):
+        _depthwise_backward_plane(int64(nc), x, g, goffs, wpk, dx, xoffs, uniq, part_w, part_b,
+                                  need, geom)
+
+
+@njit(cache=True, nogil=True)
+def _depthwise_backward_plane(nc, x, g, goffs, wpk, dx, xoffs, uniq, part_w, part_b, need,
+                              geom):
+    need_input, need_weight, need_bias = need
+    gpt, gpl, hg, pt, pl, hq, gw = geom
+    chans, h, w = x.shape[1], x.shape[2], x.shape[3]
+    oh, ow = g.shape[2], g.shape[3]
+    n = nc // chans
+    c = nc % chans
+    gf = g.reshape(-1)
+    gl = np.empty(hg * gw, dtype=x.dtype)
+    _fill_grid(gf, nc * oh * ow, oh, ow, gl, 0, gpt, gpl, 1, 1, 0, hg, gw)
+    if need_input:
+        m = (h - 1) * gw + w
+        acc = np.empty((1, m), dtype=x.dtype)
+        for t in range(uint64(m)):
+            acc[0, t] = 0
+        _mk1(gl, goffs, wpk[c], acc, 0, m)
+        dxf = dx.reshape(-1)
+        for i in range(h):
+            a0 = uint64(i * gw)
+            o0 = uint64((nc * h + i) * w)
+            for j in range(uint64(w)):
+                dxf[o0 + j] = acc[0, a0 + j]
+    if need_weight:
+        xl = np.empty(hq * gw, dtype=x.dtype)
+        _fill_grid(x.reshape(-1), nc * h * w, h, w, xl, 0, pt, pl, 1, 1, 0, hq, gw)
+        sums = np.empty((TAPS, KBW), dtype=x.dtype)
+        n_red = (oh - 1) * gw + ow
+        for ch in range(xoffs.shape[0]):
+            for j in range(TAPS):
+                sums[j, 0] = 0
+            _dwk1(xl, xoffs[ch], gl, gpt * gw + gpl, sums, n_red)
+            for j in range(TAPS):
+                if uniq[ch, j] >= 0:
+                    part_w[n, c, uniq[ch, j]] = sums[j, 0]
+    if need_bias:
+        part_b[n, c] = _sum_plane(gf, uint64(nc * oh * ow), oh * ow)
+
+
+@njit(cache=True, nogil=True, fastmath=_FMR)
+def _sum_plane(a, lo, n):
+    s = a[lo]
+    for t in range(uint64(1), uint64(n)):
+        s += a[lo + t]
+    return s
+
+
+@njit(cache=True, nogil=True)
+def _fill_grid(xf, xo, h, w, df, do, pt, pl, sh, sw, r0, rows, gw):
+    """Grid rows r0 <= u < r0 + rows of one channel, all phases: for phase (a, b),
+    df[do + (a*sw + b)*rows*gw + (u - r0)*gw + v] = xf[xo + (u*sh + a - pt)*w + v*sw + b - pl],
+    or 0 outside the image. Flat unsigned indices: a slice per row costs more than the row."""
+    usw = uint64(sw)
+    ugw = uint64(gw)
+    for a in range(sh):
+        for b in range(sw):
+            base = do + (a * sw + b) * rows * gw
+            # columns v whose source column v*sw + b - pl lies in [0, w)
+            vlo = min(gw, max(0, _jcdiv(pl - b, sw)))
+            vhi = max(vlo, min(gw, _jcdiv(w + pl - b, sw)))
+            for u in range(rows):
+                d0 = uint64(base + u * gw)
+                row = (r0 + u) * sh + a - pt
+                if row < 0 or row >= h:
+                    for v in range(ugw):
+                        df[d0 + v] = 0
+                    continue
+                for v in range(uint64(vlo)):
+                    df[d0 + v] = 0
+                d1 = uint64(base + u * gw + vlo)
+                s1 = uint64(xo + row * w + vlo * sw + b - pl)
+                if sw == 1:
+                    for v in range(uint64(vhi - vlo)):
+                        df[d1 + v] = xf[s1 + v]
+                else:
+                    for v in range(uint64(vhi - vlo)):
+                        df[d1 + v] = xf[s1 + v * usw]
+                for v in range(uint64(vhi), ugw):
+                    df[d0 + v] = 0
+
+
+@njit(cache=True, nogil=True)
+def _pack_weights(wflat, wbase, wdiv, cstride, blocks, wpk):
+    """wpk[b, ch, j, r] = wflat[wbase[group, ch, j] + (blocks[b, 3] + r) * cstride] / wdiv[ch, j],
+    and 0 for the padding rows of a block."""
+    n_blk, n_ch = wpk.shape[0], wpk.shape[1]
+    for blk in range(n_blk):
+        nv, grp, row0 = blocks[blk, 1], blocks[blk, 2], blocks[blk, 3]
+        for ch in range(n_ch):
+            for j in range(TAPS):
+                base = wbase[grp, ch, j]
+                for r in range(KB):
+                    if r < nv:
+                        wpk[blk, ch, j, r] = wflat[base + (row0 + r) * cstride] / wdiv[ch, j]
+                    else:
+                        wpk[blk, ch, j, r] = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# plans: geometry and offset tables, cached per spec
+
+
+def _blocks(n_groups, per_group, kb):
+    """(first channel, valid channels, group, first channel within group) per block.
+
+    A remainder of one channel gets a 1-channel block; larger remainders a padded full block.
+    """
+    rows = []
+    for g in range(n_groups):
+        c = 0
+        while c < per_group:
+            nv = min(kb, per_group - c)
+            rows.append((g * per_group + c, nv, g, c))
+            c += nv
+    return np.array(rows, dtype=np.int64).reshape(-1, 4)
+
+
+def _chunked(taps):
+    """Cut a list of (source offset, weight index) taps into chunks of 9.
+
+    A short last chunk repeats its own taps and splits their weights among the copies (wdiv),
+    so no zero-weight tap reads a value that could be inf. Returns offsets, weight indices,
+    divisors and, for grad-weight, the weight index of each first copy (-1 for repeats).
+    """
+    n_ch = _cdiv(len(taps), TAPS)
+    offs = np.zeros((n_ch, TAPS), dtype=np.int64)
+    widx = np.zeros((n_ch, TAPS), dtype=np.int64)
+    wdiv = np.ones((n_ch, TAPS))
+    uniq = np.full((n_ch, TAPS), -1, dtype=np.int64)
+    for ch in range(n_ch):
+        real = taps[ch * TAPS:(ch + 1) * TAPS]
+        m = len(real)
+        for j in range(TAPS):
+            offs[ch, j], widx[ch, j] = real[j % m]
+            wdiv[ch, j] = len(range(j % m, TAPS, m))
+            if j < m:
+                uniq[ch, j] = widx[ch, j]
+    return offs, widx, wdiv, uniq
+
+
+class _Grid(NamedTuple):
+    """A padded, phase-split copy of an NCHW array: planes of hq x gw per channel and phase."""
+
+    pt: int
+    pl: int
+    sh: int
+    sw: int
+    hq: int
+    gw: int
+
+    @property
+    def plane(self):
+        return self.hq * self.gw
+
+
+def _input_grid(spec):
+    (pt, pb), (pl, pr) = spec.padding
+    sh, sw = spec.stride
+    h, w = spec.x_shape[2:]
+    return _Grid(pt, pl, sh, sw, _cdiv(h + pt + pb, sh), _cdiv(w + pl + pr, sw))
+
+
+@functools.lru_cache(maxsize=256)
+def _input_taps(spec, grid):
+    """Taps over the input grid: offsets (groups, chunks, 9), weight indices within a filter
+    (chunks, 9), weight divisors and first copies (see _chunked)."""
+    cg, r, s = spec.w_shape[1:]
+    dh, dw = spec.dilation
+    sh, sw = spec.stride
+    per_chan = sh * sw * grid.plane
+    offs = []
+    for g in range(spec.groups):
+        taps = []
+        for c in range(cg):
+            for p in range(r):
+                a, u = (p * dh) % sh, (p * dh) // sh
+                for q in range(s):
+                    b, v = (q * dw) % sw, (q * dw) // sw
+                    off = (g * cg + c) * per_chan + (a * sw + b) * grid.plane + u * grid.gw + v
+                    taps.append((off, (c * r + p) * s + q))
+        o, widx, wdiv, uniq = _chunked(taps)
+        offs.append(o)
+    return np.stack(offs), widx, wdiv, uniq
+
+
+class _FwdPlan(NamedTuple):
+    grid: _Grid
+    offs: np.ndarray
+    wbase: np.ndarray  # (groups, chunks, 9) weight index within a filter
+    wdiv: np.ndarray
+    blocks: np.ndarray
+    local: tuple  # (tile geometry for _correlate_nchw, output rows per tile)
+
+
+@functools.lru_cache(maxsize=256)
+def _fwd_plan(spec):
+    grid = _input_grid(spec)
+    c, h, w = spec.x_shape[1:]
+    k, cg, r = spec.w_shape[:3]
+    # each work item builds the grid rows of its tile (see _correlate_nchw)
+    tile = TILE_LOCAL if k == spec.groups else TILE  # one accumulator row, or four
+    rows = max(1, min(spec.out_hw[0], tile // grid.gw))
+    rows = _cdiv(spec.out_hw[0], _cdiv(spec.out_hw[0], rows))
+    grid = grid._replace(hq=rows + (r - 1) * spec.dilation[0] // spec.stride[0])
+    (pt, _), (pl, _) = spec.padding
+    local = ((c, h, w, pt, pl, *spec.stride, grid.hq, cg), rows)
+    offs, widx, wdiv, _ = _input_taps(spec, grid)
+    blocks = _blocks(spec.groups, k // spec.groups, KB)
+    blocks[:, 3] = blocks[:, 0]  # forward weight rows are global output channels
+    wbase = np.broadcast_to(widx, offs.shape).copy()
+    return _FwdPlan(grid, offs, wbase, wdiv, blocks, local)
+
+
+class _Phase(NamedTuple):
+    a: int
+    b: int
+    rows: int  # dx rows of this phase: h = a + sh*u for u < rows
+    cols: int
+    offs: np.ndarray  # (groups, chunks, 9) into the grad-output grid
+    wbase: np.ndarray  # (groups, chunks, 9) weight index, plus c_local * R*S
+    wdiv: np.ndarray
+
+
+class _GradInputPlan(NamedTuple):
+    grid: _Grid  # the grad-output grid (stride 1: sh = sw = 1)
+    phases: tuple
+    blocks: np.ndarray
+
+
+def _tap_shifts(a, stride, pad, dil, k):
+    """Taps p landing on dx phase a, with the grad-output shift e: g row = u + e."""
+    return [(p, (a + pad - p * dil) // stride) for p in range(k)
+            if (a + pad - p * dil) % stride == 0]
+
+
+@functools.lru_cache(maxsize=256)
+def _grad_input_plan(spec, min_gw):
+    """Grad-input phases over a grad-output grid g[r - pt, s - pl], at least min_gw wide."""
+    h, w = spec.x_shape[2:]
+    k, cg, r, s = spec.w_shape
+    oh, ow = spec.out_hw
+    sh, sw = spec.stride
+    dh, dw = spec.dilation
+    (pt, _), (pl, _) = spec.padding
+    rows = [(a, _cdiv(h - a, sh), _tap_shifts(a, sh, pt, dh, r)) for a in range(min(sh, h))]
+    cols = [(b, _cdiv(w - b, sw), _tap_shifts(b, sw, pl, dw, s)) for b in range(min(sw, w))]
+    es = [e for _, _, t in rows for _, e in t] or [0]
+    fs = [f for _, _, t in cols for _, f in t] or [0]
+    gpt, gpl = max(0, -min(es)), max(0, -min(fs))
+    hg = max([gpt + oh] + [n_u + max(e for _, e in t) + gpt for _, n_u, t in rows if t])
+    wg = max([gpl + ow] + [n_v + max(f for _, f in t) + gpl for _, n_v, t in cols if t])
+    grid = _Grid(gpt, gpl, 1, 1, hg, max(wg, min_gw))
+    kg = k // spec.groups
+    phases = []
+    for a, n_u, tr in rows:
+        for b, n_v, tc in cols:
+            offs, wbase = [], []
+            for g in range(spec.groups):
+                taps = [((g * kg + kk) * grid.plane + (e + gpt) * grid.gw + f + gpl,
+                         (g * kg + kk) * cg * r * s + p * s + q)
+                        for kk in range(kg) for p, e in tr for q, f in tc]
+                o, wi, wdiv, _ = _chunked(taps)
+                offs.append(o)
+                wbase.append(wi)
+            phases.append(_Phase(a, b, n_u, n_v, np.stack(offs), np.stack(wbase), wdiv))
+    blocks = _blocks(spec.groups, cg, KB)
+    return _GradInputPlan(grid, tuple(phases), blocks)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers shared by the entry points
+
+
+def _padded(x, grid):
+    """The grid copy of x as (N, flat); x itself when the grid adds nothing.
+
+    Plain NumPy: the copy runs at memory speed either way, and one parallel Numba function less
+    saves seconds of compilation per dtype.
+    """
+    n, c, h, w = x.shape
+    if (grid.pt, grid.pl, grid.sh, grid.sw, grid.hq, grid.gw) == (0, 0, 1, 1, h, w):
+        return x.reshape(n, -1)
+    sh, sw, pt, pl = grid.sh, grid.sw, grid.pt, grid.pl
+    dst = np.zeros((n, c, sh, sw, grid.hq, grid.gw), dtype=x.dtype)
+    for a in range(sh):  # grid row u of phase a holds input row u*sh + a - pt
+        u0, u1 = max(0, _cdiv(pt - a, sh)), min(grid.hq, _cdiv(h + pt - a, sh))
+        for b in range(sw):
+            v0, v1 = max(0, _cdiv(pl - b, sw)), min(grid.gw, _cdiv(w + pl - b, sw))
+            if u1 > u0 and v1 > v0:
+                r0, c0 = u0 * sh + a - pt, v0 * sw + b - pl
+                dst[:, :, a, b, u0:u1, v0:v1] = x[:, :, r0:r0 + (u1 - u0 - 1) * sh + 1:sh,
+                                                  c0:c0 + (v1 - v0 - 1) * sw + 1:sw]
+    return dst.reshape(n, -1)
+
+
+def _tiling(n_img, nvr, gw, n_blk):
+    """(rows per tile, channel-block parts): tiles of about TILE elements and enough items to
+    keep every thread busy even at batch 1. Changes only who computes what, never the sums."""
+    rows = max(1, min(nvr, TILE // gw))
+    rows = _cdiv(nvr, _cdiv(nvr, rows))  # tiles of even height
+    want = 4 * numba.get_num_threads()
+    parts = min(n_blk, max(1, _cdiv(want, n_img * _cdiv(nvr, rows))))
+    while n_img * _cdiv(nvr, rows) * parts < want and rows > 1:
+        rows = _cdiv(rows, 2)
+    return rows, parts
+
+
+def _correlate(src, offs, wpk, blocks, bias, out, gw, nvr, nvc, ys=1, yo=0, xs=1, xo=0,
+               local=None):
+    n_img, n_blk = src.shape[0], blocks.shape[0]
+    if local is None:
+        rows, parts = _tiling(n_img, nvr, gw, n_blk)
+        geom = (0, 0, 0, 0, 0, 1, 1, 0, 0)
+    else:
+        geom, rows = local
+        want = 4 * numba.get_num_threads()
+        parts = min(n_blk, max(1, _cdiv(want, n_img * _cdiv(nvr, rows))))
+    has_bias = bias is not None
+    if not has_bias:
+        bias = np.zeros(1, dtype=out.dtype)
+    _correlate_nchw(src, offs, wpk, blocks, bias, has_bias, out, gw, nvr, nvc, ys, yo, xs, xo,
+                    rows, parts, local is not None, geom)
+
+
+def _packed(w, wbase, wdiv, cstride, blocks):
+    wpk = np.empty((blocks.shape[0], wbase.shape[1], TAPS, KB), dtype=w.dtype)
+    _pack_weights(w.reshape(-1), wbase, wdiv, cstride, blocks, wpk)
+    return wpk
+
+
+# ---------------------------------------------------------------------------------------------
+# conv2d entry points
+
+
+def conv2d_forward(x, w, b, spec):
+    plan = _fwd_plan(spec)
+    src = x.reshape(x.shape[0], -1)  # items pad their own tiles
+    cgrs = int(np.prod(spec.w_shape[1:]))
+    wpk = _packed(w, plan.wbase, plan.wdiv, cgrs, plan.blocks)
+    out = np.empty(spec.out_shape, dtype=spec.dtype)
+    oh, ow = spec.out_hw
+    _correlate(src, plan.offs, wpk, plan.blocks, b, out, plan.grid.gw, oh, ow, local=plan.local)
+    return out
+
+
+def _depthwise_backward(g, x, w, spec, need_input, need_weight, need_bias):
+    n, c = spec.x_shape[:2]
+    r, s = spec.w_shape[2:]
+    xgrid = _input_grid(spec)
+    gplan = _grad_input_plan(spec, xgrid.gw)  # stride 1: one phase
+    ggrid, ph = gplan.grid, gplan.phases[0]
+    xgrid = xgrid._replace(gw=ggrid.gw)
+    xoffs, _, _, uniq = _input_taps(spec, xgrid)
+    wpk = _packed(w, ph.wbase, ph.wdiv, r * s, gplan.blocks)
+    dx = np.empty(spec.x_shape if need_input else (1, 1, 1, 1), dtype=spec.dtype)
+    part_w = np.empty((n, c, r * s) if need_weight else (1, 1, 1), dtype=spec.dtype)
+    part_b = np.empty((n, c) if need_bias else (1, 1), dtype=spec.dtype)
+    # offsets of group (channel) 0 are those of every plane, relative to its start
+    _depthwise_backward_nchw(x, g, ph.offs[0], wpk, dx, xoffs[0], uniq, part_w, part_b,
+                             (need_input, need_weight, need_bias),
+                             (ggrid.pt, ggrid.pl, ggrid.hq, xgrid.pt, xgrid.pl, xgrid.hq,
+                              ggrid.gw))
+    return (dx if need_input else None,
+            part_w.sum(axis=0).reshape(spec.w_shape) if need_weight else None,
+            part_b.sum(axis=0) if need_bias else None)
+
+
+def conv2d_backward(g, x, w, spec, need_input, need_weight, need_bias):
+    n, c = spec.x_shape[:2]
+    if (spec.groups == c == spec.w_shape[0] and spec.stride == (1, 1)
+            and (need_input or need_weight)):
+        return _depthwise_backward(g, x, w, spec, need_input, need_weight, need_bias)
+    dx = dw = db = None
+    n, c, h, wd = spec.x_shape
+    k, cg, r, s = spec.w_shape
+    oh, ow = spec.out_hw
+    xgrid = _input_grid(spec)
+    gsrc = ggrid = None
+    if need_input:
+        # the grad-output grid also serves grad-weight when both grids share a width
+        gplan = _grad_input_plan(spec, xgrid.gw if need_weight else 0)
+        ggrid = gplan.grid
+        gsrc = _padded(g, ggrid)
+        dx = np.empty(spec.x_shape, dtype=spec.dtype)
+        sh, sw = spec.stride
+        for ph in gplan.phases:
+            wpk = _packed(w, ph.wbase, ph.wdiv, r * s, gplan.blocks)
+            _correlate(gsrc, ph.offs, wpk, gplan.blocks, None, dx, ggrid.gw, ph.rows, ph.cols,
+                       sh, ph.a, sw, ph.b)
+    if need_weight:
+        if ggrid is None:
+            ggrid = _Grid(0, 0, 1, 1, oh, xgrid.gw)
+            gsrc = _padded(g, ggrid)
+        xgrid = xgrid._replace(gw=ggrid.gw)
+        xsrc = _padded(x, xgrid)
+        offs, _, _, uniq = _input_taps(spec, xgrid)
+        blocks = _blocks(spec.groups, k // spec.groups, KBW)
+        n_red = (oh - 1) * ggrid.gw + ow
+        dw = np.empty(spec.w_shape, dtype=spec.dtype)
+        _grad_weight_nchw(xsrc, gsrc, offs, uniq, blocks, ggrid.pt * ggrid.gw + ggrid.pl,
+                          ggrid.plane, n_red, dw.reshape(-1), cg * r * s)
+    if need_bias:
+        db = g.sum(axis=(0, 2, 3))  # NumPy's pairwise sum: memory-bound, deterministic
+    return dx, dw, db
+
+
+# ---------------------------------------------------------------------------------------------
+# max-pool. Windows lying fully inside the input run in vector loops over an output row (2x2
+# and 3x3 unrolled, other sizes tap by tap); windows touching the -inf padding are clipped one
+# by one, as in naive.py. A candidate replaces the running maximum when it is strictly greater
+# (the first maximum wins ties) or when it is the first NaN (NaN propagates).
+
+
+@njit(cache=True, nogil=True)
+def _pool_row2(xf, pb, of, af, want_idx, rb, n, sw, rstep, o0):
+    """n 2x2 windows lying fully inside, stride sw (1 or 2) along the row: tap (p, q) of
+    window j is at plane offset rb + j*sw + p*rstep + q (no dilation along rows:
+    neighbouring taps form one interleaved load).
+
+    The j loops are branch-free and vectorize; a literal stride makes the loads interleaved
+    accesses, not gathers. Values and indices go in separate loops: with three arrays in
+    one loop LLVM's alias checks keep rows shorter than ~32 on the scalar path. The index
+    stays in 32 bits in the loop (the caller checks the plane fits), so 512-bit registers
+    hold 8 lanes of it. Windows go in blocks of 8 and a last block of up to 24 overlaps the
+    ones before (recomputing an output is harmless), so no scalar remainder runs."""
+    _wide()
+    u8 = uint64(8)
+    m = n - n % u8 if n >= u8 else n
+    tail = min(n, uint64(24))  # the index loop takes its vector path from ~24 windows
+    for part in range(4):
+        if part == 1 or part == 3:
+            if m == n:
+                continue
+            b, cnt, oo = rb + (n - tail) * sw, tail, o0 + n - tail
+        else:
+            b, cnt, oo = rb, m, o0
+        if part >= 2 and not want_idx:
+            break
+        if part < 2 and sw == 2:
+            for j in range(cnt):
+                k0 = b + j * uint64(2)
+                best = xf[pb + k0]
+                k = k0 + uint64(1)
+                v = xf[pb + k]
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                k = k0 + rstep
+                v = xf[pb + k]
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                k = k0 + rstep + uint64(1)
+                v = xf[pb + k]
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                of[oo + j] = best
+        elif part < 2:
+            for j in range(cnt):
+                k0 = b + j
+                best = xf[pb + k0]
+                k = k0 + uint64(1)
+                v = xf[pb + k]
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                k = k0 + rstep
+                v = xf[pb + k]
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                k = k0 + rstep + uint64(1)
+                v = xf[pb + k]
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                of[oo + j] = best
+        elif sw == 2:
+            for j in range(cnt):
+                k0 = b + j * uint64(2)
+                best = xf[pb + k0]
+                arg = int32(k0)
+                k = k0 + uint64(1)
+                v = xf[pb + k]
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                arg = int32(k) if take else arg
+                k = k0 + rstep
+                v = xf[pb + k]
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                arg = int32(k) if take else arg
+                k = k0 + rstep + uint64(1)
+                v = xf[pb + k]
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                arg = int32(k) if take else arg
+                af[oo + j] = arg
+        else:
+            for j in range(cnt):
+                k0 = b + j
+                best = xf[pb + k0]
+                arg = int32(k0)
+                k = k0 + uint64(1)
+                v = xf[pb + k]
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                arg = int32(k) if take else arg
+                k = k0 + rstep
+                v = xf[pb + k]
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                arg = int32(k) if take else arg
+                k = k0 + rstep + uint64(1)
+                v = xf[pb + k]
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                arg = int32(k) if take else arg
+                af[oo + j] = arg
+
+
+@njit(cache=True, nogil=True)
+def _pool_row3(xf, pb, of, af, want_idx, rb, n, sw, rstep, o0):
+    """n 3x3 windows lying fully inside, stride sw (1 or 2) along the row: tap (p, q) of
+    window j is at plane offset rb + j*sw + p*rstep + q (no dilation along rows:
+    neighbouring taps form one interleaved load).
+
+    The j loops are branch-free and vectorize; a literal stride makes the loads interleaved
+    accesses, not gathers. Values and indices go in separate loops: with three arrays in
+    one loop LLVM's alias checks keep rows shorter than ~32 on the scalar path. The index
+    stays in 32 bits in the loop (the caller checks the plane fits), so 512-bit registers
+    hold 8 lanes of it. Windows go in blocks of 8 and a last block of up to 24 overlaps the
+    ones before (recomputing an output is harmless), so no scalar remainder runs."""
+    _wide()
+    u8 = uint64(8)
+    m = n - n % u8 if n >= u8 else n
+    tail = min(n, uint64(24))  # the index loop takes its vector path from ~24 windows
+    for part in range(4):
+        if part == 1 or part == 3:
+            if m == n:
+                continue
+            b, cnt, oo = rb + (n - tail) * sw, tail, o0 + n - tail
+        else:
+            b, cnt, oo = rb, m, o0
+        if part >= 2 and not want_idx:
+            break
+        if part < 2 and sw == 2:
+            for j in range(cnt):
+                k0 = b + j * uint64(2)
+                best = xf[pb + k0]
+                k = k0 + uint64(1)
+                v = xf[pb + k]
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                k = k0 + uint64(2)
+                v = xf[pb + k]
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                k = k0 + rstep
+                v = xf[pb + k]
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                k = k0 + rstep + uint64(1)
+                v = xf[pb + k]
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                k = k0 + rstep + uint64(2)
+                v = xf[pb + k]
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                k = k0 + uint64(2) * rstep
+                v = xf[pb + k]
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                k = k0 + uint64(2) * rstep + uint64(1)
+                v = xf[pb + k]
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                k = k0 + uint64(2) * rstep + uint64(2)
+                v = xf[pb + k]
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                of[oo + j] = best
+        elif part < 2:
+            for j in range(cnt):
+                k0 = b + j
+                best = xf[pb + k0]
+                k = k0 + uint64(1)
+                v = xf[pb + k]
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                k = k0 + uint64(2)
+                v = xf[pb + k]
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                k = k0 + rstep
+                v = xf[pb + k]
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                k = k0 + rstep + uint64(1)
+                v = xf[pb + k]
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                k = k0 + rstep + uint64(2)
+                v = xf[pb + k]
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                k = k0 + uint64(2) * rstep
+                v = xf[pb + k]
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                k = k0 + uint64(2) * rstep + uint64(1)
+                v = xf[pb + k]
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                k = k0 + uint64(2) * rstep + uint64(2)
+                v = xf[pb + k]
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                of[oo + j] = best
+        elif sw == 2:
+            for j in range(cnt):
+                k0 = b + j * uint64(2)
+                best = xf[pb + k0]
+                arg = int32(k0)
+                k = k0 + uint64(1)
+                v = xf[pb + k]
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                arg = int32(k) if take else arg
+                k = k0 + uint64(2)
+                v = xf[pb + k]
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                arg = int32(k) if take else arg
+                k = k0 + rstep
+                v = xf[pb + k]
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                arg = int32(k) if take else arg
+                k = k0 + rstep + uint64(1)
+                v = xf[pb + k]
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                arg = int32(k) if take else arg
+                k = k0 + rstep + uint64(2)
+                v = xf[pb + k]
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                arg = int32(k) if take else arg
+                k = k0 + uint64(2) * rstep
+                v = xf[pb + k]
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                arg = int32(k) if take else arg
+                k = k0 + uint64(2) * rstep + uint64(1)
+                v = xf[pb + k]
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                arg = int32(k) if take else arg
+                k = k0 + uint64(2) * rstep + uint64(2)
+                v = xf[pb + k]
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                arg = int32(k) if take else arg
+                af[oo + j] = arg
+        else:
+            for j in range(cnt):
+                k0 = b + j
+                best = xf[pb + k0]
+                arg = int32(k0)
+                k = k0 + uint64(1)
+                v = xf[pb + k]
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                arg = int32(k) if take else arg
+                k = k0 + uint64(2)
+                v = xf[pb + k]
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                arg = int32(k) if take else arg
+                k = k0 + rstep
+                v = xf[pb + k]
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                arg = int32(k) if take else arg
+                k = k0 + rstep + uint64(1)
+                v = xf[pb + k]
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                arg = int32(k) if take else arg
+                k = k0 + rstep + uint64(2)
+                v = xf[pb + k]
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                arg = int32(k) if take else arg
+                k = k0 + uint64(2) * rstep
+                v = xf[pb + k]
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                arg = int32(k) if take else arg
+                k = k0 + uint64(2) * rstep + uint64(1)
+                v = xf[pb + k]
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                arg = int32(k) if take else arg
+                k = k0 + uint64(2) * rstep + uint64(2)
+                v = xf[pb + k]
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                arg = int32(k) if take else arg
+                af[oo + j] = arg
+
+
+@njit(cache=True, nogil=True)
+def _pool_row_short(xf, pb, of, af, rb, n, sw, rstep, o0, kh, kw):
+    """Windows fully inside with their indices, one at a time, for rows too short for the index
+    loops of _pool_row2/3 to take their vector path: their scalar fallback is slower still
+    (the x86 backend turns its selects back into branches)."""
+    for j in range(n):
+        k0 = rb + j * sw
+        best = xf[pb + k0]
+        arg = k0
+        for p in range(kh):
+            for q in range(kw):
+                k = k0 + uint64(p) * rstep + uint64(q)
+                v = xf[pb + k]
+                if v > best or (v != v and best == best):
+                    best = v
+                    arg = k
+        of[o0 + j] = best
+        af[o0 + j] = arg
+
+
+@njit(cache=True, nogil=True)
+def _win_any(xf, pb, of, af, want_idx, rb, n, sw, dwc, rstep, o0, kh, kw, best, arg):
+    """Fully inside windows of any size, one vector pass per tap over best/arg scratch."""
+    for p in range(kh):
+        for q in range(kw):
+            d = uint64(p) * rstep + uint64(q) * dwc
+            if p == 0 and q == 0:
+                for j in range(n):
+                    k = rb + j * sw + d
+                    best[j] = xf[pb + k]
+                    arg[j] = k
+                continue
+            for j in range(n):
+                k = rb + j * sw + d
+                v = xf[pb + k]
+                bv = best[j]
+                take = (v > bv) | ((v != v) & (bv == bv))
+                best[j] = v if take else bv
+                arg[j] = k if take else arg[j]
+    for j in range(n):
+        of[o0 + j] = best[j]
+        if want_idx:
+            af[o0 + j] = arg[j]
+
+
+@njit(cache=True, nogil=True)
+def _win_clipped(xf, pb, of, af, want_idx, o, i, j, h, w, kh, kw, sh, sw, ph, pw, dh, dw):
+    """One window touching the padding: its taps inside the input only (as naive.py)."""
+    r0 = i * sh - ph
+    while r0 < 0:  # the first tap inside the input, where PyTorch starts its index
+        r0 += dh
+    c0 = j * sw - pw
+    while c0 < 0:
+        c0 += dw
+    best = -np.inf
+    arg = r0 * w + c0
+    for p in range(kh):
+        row = i * sh - ph + p * dh
+        if row < 0 or row >= h:
+            continue
+        for q in range(kw):
+            col = j * sw - pw + q * dw
+            if col < 0 or col >= w:
+                continue
+            v = xf[pb + uint64(row * w + col)]
+            if v > best or (v != v and best == best):
+                best = v
+                arg = row * w + col
+    of[o] = best
+    if want_idx:
+        af[o] = arg
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _pool_forward_nchw(x, out, idx, want_idx, kh, kw, sh, sw, ph, pw, dh, dw):
+    """Parallel over (n, c) planes."""
+    for nc in prange(x.shape[0] * x.shape[1]):
+        _pool_plane(int64(nc), x, out, idx, want_idx, kh, kw, sh, sw, ph, pw, dh, dw)
+
+
+@njit(cache=True, nogil=True)
+def _pool_plane(nc, x, out, idx, want_idx, kh, kw, sh, sw, ph, pw, dh, dw):
+    h, w = x.shape[2], x.shape[3]
+    oh, ow = out.shape[2], out.shape[3]
+    xf = x.reshape(-1)
+    of = out.reshape(-1)
+    af = idx.reshape(-1)
+    # windows fully inside: i*sh - ph >= 0 and i*sh - ph + (kh-1)*dh <= h - 1 (likewise j)
+    i_lo = min(oh, _jcdiv(ph, sh))
+    i_hi = max(i_lo, min(oh, (h - 1 - (kh - 1) * dh + ph) // sh + 1))
+    j_lo = min(ow, _jcdiv(pw, sw))
+    j_hi = max(j_lo, min(ow, (w - 1 - (kw - 1) * dw + pw) // sw + 1))
+    n_in = uint64(j_hi - j_lo)
+    usw, udw, rstep = uint64(sw), uint64(dw), uint64(dh * w)
+    # 2x2 and 3x3 windows, stride 1 or 2 along rows, no dilation along rows, int32 indices
+    fused = kh == kw and (kh == 2 or kh == 3) and (sw == 1 or sw == 2) and dw == 1
+    fused = fused and h * w < 2**31
+    pb = uint64(nc * h * w)
+    for i in range(oh):
+        o = nc * oh * ow + i * ow
+        if i < i_lo or i >= i_hi:
+            for j in range(ow):
+                _win_clipped(xf, pb, of, af, want_idx, o + j, i, j, h, w, kh, kw, sh, sw, ph, pw,
+                             dh, dw)
+            continue
+        for j in range(j_lo):
+            _win_clipped(xf, pb, of, af, want_idx, o + j, i, j, h, w, kh, kw, sh, sw, ph, pw,
+                         dh, dw)
+        for j in range(j_hi, ow):
+            _win_clipped(xf, pb, of, af, want_idx, o + j, i, j, h, w, kh, kw, sh, sw, ph, pw,
+                         dh, dw)
+        if n_in == 0:
+            continue
+        rb = uint64((i * sh - ph) * w + j_lo * sw - pw)
+        o0 = uint64(o + j_lo)
+        if fused and want_idx and n_in < 24:
+            _pool_row_short(xf, pb, of, af, rb, n_in, usw, rstep, o0, kh, kw)
+        elif fused and kh == 2:
+            _pool_row2(xf, pb, of, af, want_idx, rb, n_in, usw, rstep, o0)
+        elif fused:
+            _pool_row3(xf, pb, of, af, want_idx, rb, n_in, usw, rstep, o0)
+        else:
+            best = np.empty(n_in, dtype=x.dtype)
+            arg = np.empty(n_in, dtype=np.int64)
+            _win_any(xf, pb, of, af, want_idx, rb, n_in, usw, udw, rstep, o0, kh, kw, best, arg)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _pool_backward_nchw(g, idx, dx, overlap):
+    """Parallel over (n, c) planes: zero the plane (while it is in cache), then add each output
+    gradient at its argmax, in output order (so overlapping windows add deterministically).
+    Without overlap no position gets two gradients, and a store replaces the read-add-write."""
+    for nc in prange(g.shape[0] * g.shape[1]):
+        _pool_backward_plane(int64(nc), g, idx, dx, overlap)
+
+
+@njit(cache=True, nogil=True)
+def _pool_backward_plane(nc, g, idx, dx, overlap):
+    oh, ow = g.shape[2], g.shape[3]
+    plane = dx.shape[2] * dx.shape[3]
+    gf = g.reshape(-1)
+    af = idx.reshape(-1)
+    df = dx.reshape(-1)
+    d0 = uint64(nc * plane)
+    for t in range(uint64(plane)):
+        df[d0 + t] = 0
+    g0 = uint64(nc * oh * ow)
+    if overlap:
+        for t in range(uint64(oh * ow)):
+            df[d0 + uint64(af[g0 + t])] += gf[g0 + t]
+    else:
+        for t in range(uint64(oh * ow)):
+            df[d0 + uint64(af[g0 + t])] = gf[g0 + t]
+
+
+def _pool_args(spec):
+    return (*spec.kernel, *spec.stride, *spec.padding, *spec.dilation)
+
+
+def max_pool2d_forward(x, spec, return_indices):
+    out = np.empty(spec.out_shape, dtype=spec.dtype)
+    idx = np.empty(spec.out_shape if return_indices else (1, 1, 1, 1), dtype=np.int64)
+    _pool_forward_nchw(x, out, idx, return_indices, *_pool_args(spec))
+    return out, (idx if return_indices else None)
+
+
+def max_pool2d_backward(g, idx, spec):
+    dx = np.empty(spec.x_shape, dtype=spec.dtype)
+    # windows overlap when a stride is shorter than the window's (dilated) extent
+    overlap = any(st < (k - 1) * d + 1
+                  for st, k, d in zip(spec.stride, spec.kernel, spec.dilation))
+    _pool_backward_nchw(g, idx, dx, overlap)
+    return dx
