@@ -268,3 +268,178 @@ def test_mixed_dtypes_raise():
 def test_empty_output_still_zeroes_dx():
     dx = run_col2im(np.zeros((2 * 4, 0)), (3, 2, 4, 4), 2, 2, 1, 1, 0, 0, 1, 1, 0, 0)
     assert dx.shape == (3, 2, 4, 4) and (dx == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# the fused conv kernels (tiles of columns, one BLAS call per tile and group), against the
+# column matrices built by the references above and NumPy's matmul
+
+
+def conv_reference(x, w, g, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, groups):
+    """(forward, grad-weight, grad-input) of the grouped conv, from whole column matrices."""
+    n_batch, n_chan = x.shape[:2]
+    k = w.shape[0]
+    cg, kg = n_chan // groups, k // groups
+    params = (kh, kw, sh, sw, pt, pl, dh, dw, oh, ow)
+    w2 = w.reshape(k, -1).astype(np.float64)
+    g2 = g.astype(np.float64).transpose(1, 0, 2, 3).reshape(k, -1)   # (K, N*oh*ow)
+    y = np.empty((k, n_batch * oh * ow))
+    dw_ = np.empty(w2.shape)
+    dx = np.empty(x.shape)
+    for grp in range(groups):
+        ks, cs = slice(grp * kg, (grp + 1) * kg), slice(grp * cg, (grp + 1) * cg)
+        cols = ref_im2col(x.astype(np.float64), *params, cs.start, cs.stop)
+        y[ks] = w2[ks] @ cols
+        dw_[ks] = g2[ks] @ cols.T
+        dx[:, cs] = ref_col2im(w2[ks].T @ g2[ks], x.shape, *params, cs.start, cs.stop)
+    y = y.reshape(k, n_batch, oh, ow).transpose(1, 0, 2, 3)
+    return y, dw_, dx
+
+
+FUSED_CASES = {  # x shape, (K, kh, kw), stride, dilation, ((top, bottom), (left, right)), groups
+    "3x3-pad1": ((3, 4, 7, 6), (5, 3, 3), (1, 1), (1, 1), ((1, 1), (1, 1)), 1),
+    "s2-d2-asym": ((2, 4, 9, 8), (6, 2, 3), (2, 1), (2, 2), ((2, 0), (1, 3)), 2),
+    "depthwise": ((3, 6, 6, 7), (6, 3, 3), (1, 2), (1, 1), ((1, 1), (1, 1)), 6),
+    "1x1": ((2, 5, 4, 5), (3, 1, 1), (1, 1), (1, 1), ((0, 0), (0, 0)), 1),
+    "past-edge": ((2, 2, 5, 4), (4, 3, 2), (3, 2), (1, 1), ((0, 3), (1, 2)), 2),
+}
+TILINGS = {  # tile_rows, n_slabs, chan_block, img_block
+    "one-row-tiles": (1, 3, 1, 1),
+    "odd-tiles": (3, 2, 2, 2),
+    "one-tile": (10 ** 6, 8, 10 ** 6, 10 ** 6),
+}
+
+
+def fused_case(name, dtype, seed=0):
+    shape, (k, kh, kw), (sh, sw), (dh, dw), ((pt, pb), (pl, pr)), groups = FUSED_CASES[name]
+    rng = np.random.default_rng(seed)
+    oh, ow = out_size(shape[2], pt, pb, kh, sh, dh), out_size(shape[3], pl, pr, kw, sw, dw)
+    x = rand(rng, shape, dtype)
+    w = rand(rng, (k, shape[1] // groups, kh, kw), dtype)
+    g = rand(rng, (shape[0], k, oh, ow), dtype)
+    b = rand(rng, (k,), dtype)
+    return x, w, g, b, (kh, kw, sh, sw, pt, pl, dh, dw), (oh, ow), groups
+
+
+def run_fused(x, w, g, b, geo, out_hw, groups, tiling, n_threads, direct=True):
+    tile_rows, n_slabs, chan_block, img_block = tiling
+    k = w.shape[0]
+    y = np.full((x.shape[0], k, *out_hw), np.nan, x.dtype)
+    _im2col.conv_forward(x, w.reshape(k, -1), b, y, *geo, groups, tile_rows, n_threads,
+                         direct=direct)
+    dw = np.full(w.shape, np.nan, x.dtype)
+    _im2col.conv_backward_weight(g, x, dw.reshape(k, -1), *geo, groups, tile_rows, n_slabs,
+                                 n_threads, direct=direct)
+    dx = np.full(x.shape, np.nan, x.dtype)
+    _im2col.conv_backward_input(g, w.reshape(k, -1), dx, *geo, groups, chan_block, img_block,
+                                n_threads)
+    return y, dw, dx
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "staged"])
+@pytest.mark.parametrize("n_threads", [1, 3])
+@pytest.mark.parametrize("tiling", list(TILINGS.values()), ids=list(TILINGS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("name", list(FUSED_CASES))
+def test_fused_kernels_match_column_matrices(name, dtype, tiling, n_threads, direct):
+    x, w, g, b, geo, out_hw, groups = fused_case(name, dtype)
+    inputs = [a.copy() for a in (x, w, g, b)]
+    y, dw, dx = run_fused(x, w, g, b, geo, out_hw, groups, tiling, n_threads, direct)
+    for a, before in zip((x, w, g, b), inputs):
+        np.testing.assert_array_equal(a, before)
+    want_y, want_dw, want_dx = conv_reference(x, w, g, *geo, *out_hw, groups)
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+    assert y.dtype == dw.dtype == dx.dtype == dtype
+    np.testing.assert_allclose(y, want_y + b.reshape(1, -1, 1, 1), **tol)
+    np.testing.assert_allclose(dw.reshape(w.shape[0], -1), want_dw, **tol)
+    np.testing.assert_allclose(dx, want_dx, **tol)
+    # without bias
+    y0 = np.empty_like(y)
+    _im2col.conv_forward(x, w.reshape(w.shape[0], -1), None, y0, *geo, groups, tiling[0],
+                         n_threads, direct=direct)
+    np.testing.assert_allclose(y0, want_y, **tol)
+
+
+@pytest.mark.parametrize("name", ["3x3-pad1", "s2-d2-asym", "depthwise"])
+def test_fused_kernels_are_bit_identical_across_threads_and_runs(name):
+    """The result depends on the tiling only: not on the thread count or the schedule."""
+    x, w, g, b, geo, out_hw, groups = fused_case(name, np.float32, seed=5)
+    tiling = (3, 3, 1, 1)
+    for direct in (True, False):
+        runs = [run_fused(x, w, g, b, geo, out_hw, groups, tiling, t, direct)
+                for t in (1, 2, 4, 4, 3)]
+        for run in runs[1:]:
+            for a, ref in zip(run, runs[0]):
+                assert a.tobytes() == ref.tobytes()
+
+
+def test_fused_kernels_on_a_larger_problem():
+    """Enough tiles, slabs and units that every thread gets several of each."""
+    rng = np.random.default_rng(11)
+    x = rand(rng, (6, 8, 15, 13), np.float64)
+    w = rand(rng, (12, 4, 3, 3), np.float64)
+    geo, out_hw, groups = (3, 3, 1, 1, 1, 1, 1, 1), (15, 13), 2
+    g = rand(rng, (6, 12, *out_hw), np.float64)
+    b = rand(rng, (12,), np.float64)
+    want_y, want_dw, want_dx = conv_reference(x, w, g, *geo, *out_hw, groups)
+    for direct in (True, False):
+        y, dw, dx = run_fused(x, w, g, b, geo, out_hw, groups, (17, 5, 3, 2), 4, direct)
+        np.testing.assert_allclose(y, want_y + b.reshape(1, -1, 1, 1), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(dw.reshape(12, -1), want_dw, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(dx, want_dx, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_kernels_reject_bad_arguments():
+    x = np.ones((2, 4, 5, 5), np.float32)
+    w = np.ones((6, 2 * 9), np.float32)
+    y = np.zeros((2, 6, 3, 3), np.float32)
+    geo = (3, 3, 1, 1, 0, 0, 1, 1)
+    with pytest.raises(ValueError, match="does not fit"):
+        _im2col.conv_forward(x, w, None, y, *geo, 1, 1, 1)       # groups=1 needs 4*9 columns
+    with pytest.raises(ValueError, match="output-shaped"):
+        _im2col.conv_forward(x, w, None, np.zeros((2, 5, 3, 3), np.float32), *geo, 2, 1, 1)
+    with pytest.raises(ValueError, match="bias"):
+        _im2col.conv_forward(x, w, np.ones(5, np.float32), y, *geo, 2, 1, 1)
+    with pytest.raises(ValueError, match="tile_rows"):
+        _im2col.conv_forward(x, w, None, y, *geo, 2, 0, 1)
+    with pytest.raises(ValueError, match="n_threads"):
+        _im2col.conv_forward(x, w, None, y, *geo, 2, 1, 0)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _im2col.conv_forward(x[:, ::2], np.ones((6, 9), np.float32), None, y, *geo, 2, 1, 1)
+    with pytest.raises(ValueError, match="n_slabs"):
+        _im2col.conv_backward_weight(y, x, np.zeros((6, 18), np.float32), *geo, 2, 1, 0, 1)
+    with pytest.raises(ValueError, match="chan_block"):
+        _im2col.conv_backward_input(y, w, x.copy(), *geo, 2, 0, 1, 1)
+    with pytest.raises(ValueError, match="times"):
+        _im2col.conv_forward(x, w, None, y, *geo, 2, 1, 2, times=np.zeros((1, 3)))
+    assert (y == 0).all()
+
+
+def test_fused_kernels_report_times():
+    x, w, g, b, geo, out_hw, groups = fused_case("3x3-pad1", np.float64)
+    k = w.shape[0]
+    for direct in (True, False):
+        times = np.zeros((2, 3))
+        y = np.empty((x.shape[0], k, *out_hw))
+        _im2col.conv_forward(x, w.reshape(k, -1), b, y, *geo, groups, 1, 2, direct=direct,
+                             times=times)
+        assert (times >= 0).all() and times.sum() > 0
+
+
+def test_serial_blas_holds_blas_at_one_thread_and_restores():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from fastconv.kernels import im2col as kernels
+
+    def blas_threads():
+        return [i["num_threads"] for i in threadpoolctl.threadpool_info()
+                if i["user_api"] == "blas"]
+
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        before = blas_threads()
+        with kernels.serial_blas():
+            with kernels.serial_blas():            # nested / concurrent users share the hold
+                assert set(blas_threads()) <= {1}
+            assert set(blas_threads()) <= {1}
+        assert blas_threads() == before
+        with kernels.serial_blas(active=False):
+            assert blas_threads() == before

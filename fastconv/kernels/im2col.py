@@ -1,0 +1,283 @@
+"""im2col + GEMM conv2d, and window max-pool, on the Cython core (CPU, OpenMP + BLAS).
+
+Inputs are already validated and converted (see fastconv._validate): C-contiguous arrays of
+``spec.dtype``. float32 stays float32 end to end (``sgemm``); float64 uses ``dgemm``.
+
+Algorithm
+---------
+With ``Cg = C // groups``, ``Kg = K // groups``, ``P = OH*OW`` and the batch folded into the
+GEMM's N dimension, the columns of group ``g`` form the matrix ``cols_g`` of shape
+``(Cg*R*S, N*P)`` (row ``(c*R + r)*S + s``, column ``(n*OH + i)*OW + j``; see
+``fastconv.kernels._im2col``) and the weights of the group the matrix ``W_g`` of shape
+``(Kg, Cg*R*S)``, a reshape of ``w`` without copy. Then
+
+* forward:      ``Y_g = W_g @ cols_g``, stored as ``out[:, g*Kg:(g+1)*Kg]`` plus the bias;
+* grad-weight:  ``dW_g = G_g @ cols_g.T`` with ``G_g`` the ``(Kg, N*P)`` grad-output of the group;
+* grad-input:   ``dcols_g = W_g.T @ G_g``, then ``dx[:, group] = col2im(dcols_g)``;
+* grad-bias:    ``grad_out.sum(axis=(0, 2, 3))``.
+
+The column matrix is never built whole. Its columns are cut into tiles of ``tile_rows`` output
+rows (``tile_rows*OW`` columns, a buffer of about ``TILE_BYTES``, spanning images where the
+images are small), and one OpenMP region hands the tiles to the threads: each thread unfolds a
+tile into its own buffer and multiplies it at once with one single-threaded BLAS ``gemm`` per
+group, while the tile is still in its cache. For every product the BLAS call is given the memory
+order it reads without copying: the tile is a column-major ``(T, Cg*R*S)`` operand, the weights
+a column-major ``(Cg*R*S, Kg)`` one (both plain reshapes, no transposed copy), and the part of
+``out`` / ``grad_out`` an image contributes, ``[n, k0:k1, rows]``, is a column-major
+``(rows*OW, Kg)`` matrix with leading dimension ``P``: forward writes its product there and
+grad-weight and grad-input read it there directly ("direct", one GEMM per image a tile
+touches). Where tiles span many small images and the weights are large (keras-c2), one GEMM
+per tile is cheaper than one per image (each call packs the weights), and the tile's product
+(forward) or grad-output (grad-weight) goes through a ``K x T`` staging buffer instead.
+
+Why tiles rather than one ``(Kg x Cg*R*S) @ (Cg*R*S x N*P)`` call per group: the whole column
+matrix is ``R*S/stride**2`` times the input (58 MB for vgg-256 in float32), is written to and
+read back from memory, is page-faulted in on every call, and its ``im2col`` / ``col2im`` run on
+OpenMP's thread pool right before / after the GEMM runs on BLAS's: on a machine with as many
+cores as threads, each pool's idle threads spin while the other pool works, which doubled the
+time of both in our measurements (see benchmarks/RESULTS-im2col.md). One parallel region with
+per-thread GEMMs has one pool, no big buffer and cache-hot operands.
+
+Parallelism and determinism
+---------------------------
+* forward: tiles handed out dynamically; each tile writes its own outputs.
+* grad-weight: the tiles are cut into ``N_SLABS`` contiguous slabs (fewer if there are fewer
+  tiles); each slab sums its tiles in order into its own ``K x Cg*R*S`` accumulator and the
+  accumulators are added in slab order. The result depends on the tiling only, not on the
+  number of threads or the schedule.
+* grad-input: units of (images, group, channel block) write disjoint ``(n, c)`` planes, each
+  folded in a fixed order (race-free ``col2im``).
+* max-pool: ``(n, c)`` planes; backward adds overlapping windows in a fixed order per plane.
+
+So every result is bit-identical run after run. The kernels' results depend on the tiling
+only, never on the schedule or the number of threads running them; `plan` derives the tiling from
+the problem and the thread count (enough tiles per thread), so a different thread count may
+change the last bits of conv results (not of max-pool's).
+
+Threads and BLAS
+----------------
+The OpenMP team has ``fastconv.get_num_threads()`` threads (``_im2col.get_max_threads()``).
+While the conv kernels run with more than one, every BLAS library in the process is held at one
+thread (`serial_blas`, reference-counted across concurrent calls) and put back afterwards: a
+BLAS that threads itself inside each of our threads would oversubscribe the cores. Other code
+calling BLAS from other Python threads during a conv call runs single-threaded for that time.
+
+Memory
+------
+Peak extra memory, besides the inputs and the results, with ``t`` threads, ``T`` the columns of
+a tile and ``e`` the item size:
+
+* forward: ``t * (Cg*R*S + K) * T * e`` (``t * Cg*R*S * T * e`` when direct), i.e. about
+  ``t * TILE_BYTES``, independent of the batch size (the classic method's column buffer is
+  ``Cg*R*S * N*P * e``: 58 MB for vgg-256 in float32, against 2 x 1 MB here).
+* backward: grad-weight ``(n_slabs - 1) * K*Cg*R*S * e + t * (Cg*R*S + K) * T * e``, then
+  grad-input ``t * (cb*R*S * ib*P + Kg * ib*P) * e`` for blocks of ``cb`` channels and ``ib``
+  images (about ``DX_BLOCK_BYTES`` each), allocated one after the other, never together.
+* max-pool: none beyond the output (and indices).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+
+import numpy as np
+
+from . import _im2col, _pool
+
+__all__ = [
+    "conv2d_forward",
+    "conv2d_backward",
+    "max_pool2d_forward",
+    "max_pool2d_backward",
+    "serial_blas",
+    "plan",
+]
+
+#: Target size of one thread's column tile (forward, grad-weight), in bytes.
+TILE_BYTES = 1 << 20
+#: Target size of one thread's grad-input block (its GEMM's output, folded by col2im), in bytes.
+DX_BLOCK_BYTES = 4 << 20
+#: A tile has at least this many columns when the problem is big enough (GEMM efficiency).
+MIN_TILE_COLS = 256
+#: Tiles (or grad-input units) per thread, when the problem is big enough (load balance).
+TILES_PER_THREAD = 4
+#: Weights (elements per group) up to which a tile spanning many images still takes one GEMM
+#: per image, straight into the output (see `plan`).
+DIRECT_MAX_WEIGHTS = 16384
+#: Slabs of the grad-weight sum (the result depends on it, not on the thread count).
+N_SLABS = 8
+
+
+# ---------------------------------------------------------------------------------------------
+# BLAS threads
+
+
+@functools.cache
+def _blas_libraries():
+    import threadpoolctl
+
+    return tuple(threadpoolctl.ThreadpoolController().select(user_api="blas").lib_controllers)
+
+
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_saved: tuple = ()
+
+
+@contextlib.contextmanager
+def serial_blas(active=True):
+    """Hold every BLAS library of the process at one thread inside the block.
+
+    Reference-counted: with concurrent blocks, the first to enter saves the thread counts and
+    the last to leave restores them. ``active=False`` makes it a no-op.
+    """
+    global _blas_users, _blas_saved
+    if not active:
+        yield
+        return
+    with _blas_lock:
+        if _blas_users == 0:
+            saved = []
+            for lib in _blas_libraries():
+                n = lib.get_num_threads()
+                if n is not None and n != 1:
+                    lib.set_num_threads(1)
+                    saved.append((lib, n))
+            _blas_saved = tuple(saved)
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                for lib, n in _blas_saved:
+                    lib.set_num_threads(n)
+                _blas_saved = ()
+
+
+def _threads():
+    return max(1, int(_im2col.get_max_threads()))
+
+
+# ---------------------------------------------------------------------------------------------
+# tiling
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def plan(spec, n_threads=None):
+    """The tiling the kernels use for ``spec``: a dict of tile_rows, n_slabs, direct,
+    chan_block, img_block and n_threads (see the module docstring)."""
+    t = _threads() if n_threads is None else n_threads
+    n, c, _, _ = spec.x_shape
+    k, cg, r, s = spec.w_shape
+    oh, ow = spec.out_hw
+    e = np.dtype(spec.dtype).itemsize
+    crs, plane, rows = cg * r * s, oh * ow, n * oh
+
+    # forward / grad-weight: output rows per tile
+    tile = max(TILE_BYTES // (crs * ow * e), _cdiv(MIN_TILE_COLS, ow), 1)
+    if t > 1:  # enough tiles to keep every thread busy, before the GEMM size
+        tile = min(tile, max(1, rows // (TILES_PER_THREAD * t)))
+    tile = min(tile, rows)
+    slabs = min(N_SLABS if t <= N_SLABS else t, _cdiv(rows, tile))
+    # GEMMs straight into out / from grad_out, one per image a tile touches, when that is at
+    # most two calls or the weights are small (each call repacks them); else one GEMM per tile
+    # through a K x T staging buffer
+    direct = tile <= oh + 1 or crs * (k // spec.groups) <= DIRECT_MAX_WEIGHTS
+
+    # grad-input: channels of a group x images per unit
+    per = r * s * plane * e  # one channel of one image
+    cb = min(max(DX_BLOCK_BYTES // per, 1), cg)
+    ib = min(max(DX_BLOCK_BYTES // (cb * per), 1), n) if cb == cg else 1
+    while t > 1 and _cdiv(n, ib) * spec.groups * _cdiv(cg, cb) < TILES_PER_THREAD * t:
+        if ib > 1:
+            ib = _cdiv(ib, 2)
+        elif cb > 1:
+            cb = _cdiv(cb, 2)
+        else:
+            break
+    return dict(tile_rows=int(tile), n_slabs=int(slabs), direct=bool(direct),
+                chan_block=int(cb), img_block=int(ib), n_threads=t)
+
+
+def _geometry(spec):
+    k, _, r, s = spec.w_shape
+    (pt, _), (pl, _) = spec.padding
+    return (r, s, *spec.stride, pt, pl, *spec.dilation, spec.groups)
+
+
+def _times(p, times):
+    """A per-thread (n_threads, 3) float64 timing array for the kernel, or None."""
+    return None if times is None else np.zeros((p["n_threads"], 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# conv2d
+
+
+def conv2d_forward(x, w, b, spec, *, times=None):
+    """conv2d by im2col + GEMM. ``times``, a dict, receives the seconds spent unfolding, in
+    GEMMs and storing (summed over threads) under "im2col", "gemm", "store"."""
+    p = plan(spec)
+    k = spec.w_shape[0]
+    out = np.empty(spec.out_shape, dtype=spec.dtype)
+    tt = _times(p, times)
+    with serial_blas(p["n_threads"] > 1):
+        _im2col.conv_forward(x, w.reshape(k, -1), b, out, *_geometry(spec), p["tile_rows"],
+                             p["n_threads"], direct=p["direct"], times=tt)
+    if tt is not None:
+        times.update(zip(("im2col", "gemm", "store"), tt.sum(axis=0).tolist()))
+    return out
+
+
+def conv2d_backward(g, x, w, spec, need_input, need_weight, need_bias, *, times=None):
+    """Gradients by GEMMs on tiles (see the module docstring). ``times``, a dict, receives the
+    seconds (summed over threads) under "dw.im2col", "dw.gemm", "dw.gather", "dx.gemm",
+    "dx.col2im"."""
+    p = plan(spec)
+    k = spec.w_shape[0]
+    dx = dw = db = None
+    t1 = _times(p, times)
+    t2 = _times(p, times)
+    with serial_blas(p["n_threads"] > 1 and (need_input or need_weight)):
+        if need_weight:
+            dw = np.empty(spec.w_shape, dtype=spec.dtype)
+            _im2col.conv_backward_weight(g, x, dw.reshape(k, -1), *_geometry(spec),
+                                         p["tile_rows"], p["n_slabs"], p["n_threads"],
+                                         direct=p["direct"], times=t1)
+        if need_input:
+            dx = np.empty(spec.x_shape, dtype=spec.dtype)
+            _im2col.conv_backward_input(g, w.reshape(k, -1), dx, *_geometry(spec),
+                                        p["chan_block"], p["img_block"], p["n_threads"],
+                                        times=t2)
+    if need_bias:
+        n = spec.x_shape[0]
+        db = g.reshape(n, k, -1).sum(axis=2).sum(axis=0)
+    if times is not None:
+        times.update(zip(("dw.im2col", "dw.gemm", "dw.gather"), t1.sum(axis=0).tolist()))
+        times.update(zip(("dx.gemm", "dx.col2im"), t2.sum(axis=0)[1:].tolist()))
+    return dx, dw, db
+
+
+# ---------------------------------------------------------------------------------------------
+# max-pool
+
+
+def max_pool2d_forward(x, spec, return_indices):
+    out = np.empty(spec.out_shape, dtype=spec.dtype)
+    idx = np.empty(spec.out_shape, dtype=np.int64) if return_indices else None
+    _pool.max_pool_forward(x, out, idx, *spec.kernel, *spec.stride, *spec.padding,
+                           *spec.dilation)
+    return out, idx
+
+
+def max_pool2d_backward(g, idx, spec):
+    dx = np.empty(spec.x_shape, dtype=spec.dtype)
+    _pool.max_pool_backward(g, idx, dx)
+    return dx
