@@ -35,7 +35,7 @@ matrix is ``R*S/stride**2`` times the input (58 MB for vgg-256 in float32), is w
 read back from memory, is page-faulted in on every call, and its ``im2col`` / ``col2im`` run on
 OpenMP's thread pool right before / after the GEMM runs on BLAS's: on a machine with as many
 cores as threads, each pool's idle threads spin while the other pool works, which doubled the
-time of both in our measurements (see benchmarks/RESULTS-im2col.md). One parallel region with
+time of both in our measurements (see benchmarks/RESULTS.md, "im2col in detail"). One parallel region with
 per-thread GEMMs has one pool, no big buffer and cache-hot operands.
 
 Parallelism and determinism
