@@ -11,9 +11,9 @@ import os
 import sys
 
 _root = os.path.dirname(os.path.abspath(__file__))
-if not glob.glob(os.path.join(_root, "fastconv", "kernels", "_im2col.*")) or not any(
-    f.endswith((".so", ".pyd")) for f in os.listdir(os.path.join(_root, "fastconv", "kernels"))
-):
+_built = glob.glob(os.path.join(_root, "fastconv", "kernels", "_im2col.*.so")) + glob.glob(
+    os.path.join(_root, "fastconv", "kernels", "_im2col.*.pyd"))
+if not _built:
     _saved = sys.path[:]
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
     if importlib.util.find_spec("fastconv") is None:  # not installed: test the checkout itself

@@ -26,18 +26,12 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import fastconv as fc  # noqa: E402
+from fastconv.bench import CONV_SHAPES as SUITE  # noqa: E402
 
-# name: (N, C, H=W, K, R=S, stride, pad, groups)
+# name: (N, C, H=W, K, R=S, stride, pad, groups), the suite fastconv.bench defines
 CONV_SUITE = {
-    "lenet-c1": (64, 1, 28, 30, 5, 1, 0, 1),
-    "keras-c1": (64, 1, 28, 64, 3, 1, 0, 1),
-    "keras-c2": (64, 64, 13, 64, 3, 1, 0, 1),
-    "cifar-c1": (128, 3, 32, 32, 3, 1, 1, 1),
-    "vgg-64": (8, 64, 56, 64, 3, 1, 1, 1),
-    "vgg-256": (8, 256, 28, 256, 3, 1, 1, 1),
-    "resnet-1x1": (8, 256, 28, 64, 1, 1, 0, 1),
-    "alexnet-c1": (8, 3, 224, 96, 11, 4, 2, 1),
-    "mobilenet-dw": (8, 128, 56, 128, 3, 1, 1, 128),
+    s.name: (s.n, s.c, s.hw, s.k, s.r, s.stride, s.pad, s.groups)
+    for s in SUITE if not s.hidden
 }
 # name: (x shape, kernel, stride)
 POOL_SUITE = {
