@@ -371,11 +371,12 @@ def max_pool2d_backward(grad_output, indices, input_shape, kernel_size, stride, 
         )
     if not dev:
         plane = xs[2] * xs[3]
-        if indices.size and (indices.min() < 0 or indices.max() >= plane):
+        indices = np.ascontiguousarray(indices, dtype=np.int64)
+        # one pass instead of min() and max(): negative values are huge seen as unsigned
+        if indices.size and indices.view(np.uint64).max() >= plane:
             raise ValueError(
                 f"indices must lie in [0, {plane}) (flat positions in the {xs[2]}x{xs[3]} "
                 f"input plane), got values in [{indices.min()}, {indices.max()}]"
             )
-        indices = np.ascontiguousarray(indices, dtype=np.int64)
     (g,) = _prepare((g,), dtype, dev)
     return g, indices, spec

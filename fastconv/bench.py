@@ -131,6 +131,7 @@ OPS = {
 }
 PEERS = ("numpy", "scipy", "torch", "torch-cuda")
 SLOW_CALL = 2.0  # seconds: an estimating (second) call slower than this is the only sample
+CONTENDERS = 1.5  # methods within this factor of a problem's fastest are re-timed together
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,6 +457,7 @@ class Result:
     max_err: float | None = None
     ok: bool | None = None
     chose: str | None = None
+    together: bool = False  # re-timed round-robin with the other contenders (see run)
     note: str = ""
 
     def as_dict(self):
@@ -557,20 +559,31 @@ class _Progress:
             print(f"[{self.n:>{len(str(self.total))}}/{self.total}] {what}", file=sys.stderr,
                   flush=True)
 
+    def say(self, what):
+        """Show what runs now without counting a step."""
+        if self.bar is not None:
+            self.bar.set_postfix_str(what)
+        elif self.enabled:
+            print(f"{' ' * (2 * len(str(self.total)) + 3)} {what}", file=sys.stderr, flush=True)
+
     def close(self):
         if self.bar is not None:
             self.bar.close()
 
 
 def run(problems, *, methods=None, exclude=(), repeat=None, budget=1.0, pause=0.3,
-        threads=None, progress=True, peers=True, slow=SLOW_CALL):
-    """Time every entry on every problem; a list of `Result`."""
+        threads=None, progress=True, peers=True, slow=SLOW_CALL, side="all"):
+    """Time every entry on every problem; a list of `Result`. ``side``: "all", or only the
+    "cpu" or "gpu" entries."""
     plan = []
     for p in problems:
         entries, skipped = entries_for(p, peers=peers)
         entries = [e for e in entries if (not methods or e.method in methods)
-                   and e.method not in exclude]
+                   and e.method not in exclude
+                   and side in ("all", "gpu" if e.device.startswith("gpu") else "cpu")]
         plan.append((p, entries, skipped))
+    if not any(e for _, e, _ in plan):
+        return []
     timing = dict(repeat=repeat, budget=budget, slow=slow)
     bar = _Progress(sum(len(e) for _, e, _ in plan), progress)
     worker = TorchWorker(threads)
@@ -583,6 +596,9 @@ def run(problems, *, methods=None, exclude=(), repeat=None, budget=1.0, pause=0.
                 bar.step(f"{p.op} {p.shape.name} {p.dtype} {e.method} ({e.device})")
                 rows.append(_time_entry(p, e, ref, timing, worker))
                 time.sleep(pause)
+            if entries:
+                bar.say(f"{p.op} {p.shape.name} {p.dtype}: contenders together")
+            _retime_contenders(p, entries, rows, timing)
             _compare(p, rows)
             results += rows
             p._inputs = None  # free the arrays
@@ -590,6 +606,18 @@ def run(problems, *, methods=None, exclude=(), repeat=None, budget=1.0, pause=0.
         bar.close()
         worker.close()
     return results
+
+
+def _fastconv_or_peer_call(p, e):
+    """(call, finish, chose) for an entry timed in this process."""
+    if e.kind == "peer":
+        call, finish = peer_call(p, e.method)
+        return call, finish, None
+    call, finish = p.fastconv_call(e.method, e.device)
+    chose = None
+    if e.kind == "auto":
+        chose = _registry.resolve(p.fc_op, "auto", p.spec(on_device=e.device == "gpu")).method
+    return call, finish, chose
 
 
 def _time_entry(p, e, ref, timing, worker):
@@ -605,27 +633,81 @@ def _time_entry(p, e, ref, timing, worker):
                 return r
             outputs = payload
         else:
-            if e.kind == "peer":
-                call, finish = peer_call(p, e.method)
-            else:
-                call, finish = p.fastconv_call(e.method, e.device)
-                if e.kind == "auto":
-                    r.chose = _registry.resolve(p.fc_op, "auto",
-                                                p.spec(on_device=e.device == "gpu")).method
-                    r.label = f"auto→{r.chose}"
+            call, finish, r.chose = _fastconv_or_peer_call(p, e)
+            if r.chose:
+                r.label = f"auto→{r.chose}"
             med, samples, res = measure(call, **timing)
             outputs = finish(res)
     except Exception as exc:  # a failing method is a row, not the end of the run
         r.note = f"{type(exc).__name__}: {exc}"[:200]
         r.ok = False
         return r
-    r.time, r.samples = med, [float(s) for s in samples]
     r.max_err, r.ok = max_error(p, outputs, ref)
-    if p.flops:
-        r.gflops = p.flops / med / 1e9
-    if p.nbytes:
-        r.gbps = p.nbytes / med / 1e9
+    _set_time(p, r, med, samples)
     return r
+
+
+def _set_time(p, r, med, samples):
+    r.time, r.samples = med, [float(s) for s in samples]
+    r.gflops = p.flops / med / 1e9 if p.flops else None
+    r.gbps = p.nbytes / med / 1e9 if p.nbytes else None
+
+
+def measure_together(calls, *, rounds=None, budget=1.0, estimates=None, min_repeat=3,
+                     max_repeat=100, slow=SLOW_CALL):
+    """Time warm ``calls`` round-robin: each round calls every one once, starting one place
+    further along each time, so that drifting load on a shared machine (and whatever one call
+    leaves behind for the next) falls on all of them alike. The median of each call's samples.
+
+    ``rounds`` defaults to what ``budget`` seconds per call buys at the ``estimates``."""
+    n = len(calls)
+    if rounds is None:
+        per_round = sum(estimates) if estimates else 0.0
+        rounds = 1 if per_round > slow * n else int(
+            min(max(math.ceil(budget * n / max(per_round, 1e-9)), min_repeat), max_repeat))
+    samples = [[] for _ in calls]
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        for k in range(rounds):
+            for j in range(n):
+                i = (j + k) % n
+                t0 = time.perf_counter()
+                calls[i]()
+                samples[i].append(time.perf_counter() - t0)
+    finally:
+        if gc_was:
+            gc.enable()
+    return [float(np.median(s)) for s in samples], samples
+
+
+def _retime_contenders(p, entries, rows, timing):
+    """Time auto and the methods that could be fastest again, together (`measure_together`),
+    so that "auto within 10% of the fastest" compares calls made under the same conditions.
+    Contenders: per side, every fastconv method within CONTENDERS times the fastest, and the
+    method auto chose."""
+    for side in ("cpu", "gpu"):
+        mine = [(e, r) for e, r in zip(entries, rows) if e.device == side
+                and e.kind in ("fastconv", "auto") and r.time and r.ok is not False]
+        methods = [r for _, r in mine if r.kind == "fastconv"]
+        if not methods:
+            continue
+        best = min(r.time for r in methods)
+        chose = {r.chose for _, r in mine if r.kind == "auto"}
+        keep = [(e, r) for e, r in mine if r.kind == "auto" or r.method in chose
+                or r.time <= CONTENDERS * best]
+        if len(keep) < 2:
+            continue
+        calls = [_fastconv_or_peer_call(p, e)[0] for e, _ in keep]
+        for c in calls:  # fresh inputs on the device; first calls are never counted
+            c()
+        rounds = timing.get("repeat")
+        meds, samples = measure_together(
+            calls, rounds=rounds, budget=timing.get("budget", 1.0), slow=timing.get(
+                "slow", SLOW_CALL), estimates=[r.time for _, r in keep])
+        for (_, r), med, s in zip(keep, meds, samples):
+            _set_time(p, r, med, s)
+            r.together = True
 
 
 def _compare(p, rows):
@@ -945,6 +1027,9 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--pause", type=float, metavar="SECONDS",
                    help="pause between two methods so thread pools go idle (default 0.3, "
                         "--quick 0.1)")
+    p.add_argument("--device", choices=("all", "cpu", "gpu"), default="all",
+                   help="time only what runs on the CPU, or only what runs on the GPU "
+                        "(default: all)")
     p.add_argument("--no-peers", action="store_true",
                    help="time only fastconv (no NumPy, SciPy or PyTorch)")
     p.add_argument("--json", metavar="FILE", help="write every result to a JSON file")
@@ -1025,8 +1110,12 @@ def main(args) -> int:
     results = run(problems, methods=methods, exclude=set(_split(args.exclude)),
                   repeat=args.repeat, budget=budget, pause=pause,
                   threads=args.threads, progress=not args.no_progress,
-                  peers=not args.no_peers, slow=0.5 if quick else SLOW_CALL)
+                  peers=not args.no_peers, slow=0.5 if quick else SLOW_CALL,
+                  side=args.device)
     elapsed = time.perf_counter() - t0
+    if not results:
+        why = f" ({_registry.cuda_missing()})" if args.device == "gpu" and not _real_gpu() else ""
+        raise SystemExit(f"nothing to time: no method or peer fits the options{why}")
     report = auto_report(results)
     meta = machine_summary(threads)
     meta["seconds"] = round(elapsed, 1)

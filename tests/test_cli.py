@@ -99,6 +99,25 @@ def test_bench_runs_and_writes_json_plot_markdown(tmp_path):
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+def test_bench_device_option_keeps_one_side(tmp_path):
+    out = run_cli(["bench", "--shapes", "tiny", "--ops", "conv-fwd", "--dtype", "float64",
+                   "--repeat", "1", "--pause", "0", "--no-progress", "--device", "gpu",
+                   "--json", "gpu.json"], tmp_path)
+    if bench._real_gpu():
+        assert out.returncode == 0, out.stdout + out.stderr
+        rows = json.loads((tmp_path / "gpu.json").read_text())["results"]
+        assert rows and all(r["device"].startswith("gpu") for r in rows)
+    else:
+        assert out.returncode == 1 and "nothing to time" in out.stderr
+    out = run_cli(["bench", "--shapes", "tiny", "--ops", "conv-fwd", "--dtype", "float64",
+                   "--repeat", "1", "--pause", "0", "--no-progress", "--device", "cpu",
+                   "--no-peers", "--json", "cpu.json"], tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = json.loads((tmp_path / "cpu.json").read_text())["results"]
+    assert rows and all(r["device"] == "cpu" for r in rows)
+    assert {"auto", "naive"} <= {r["method"] for r in rows}
+
+
 def _importable(name):
     import importlib.util
 
@@ -197,6 +216,62 @@ def test_measure_counts_warmup_separately():
     calls.clear()
     _, samples, _ = bench.measure(lambda: calls.append(1), budget=0.0, min_repeat=3)
     assert len(samples) == 3 and len(calls) == 5  # warm-up, estimate, three timed
+
+
+def test_measure_together_goes_round_robin_from_a_new_start_each_round():
+    log = []
+    calls = [lambda i=i: log.append(i) for i in range(3)]
+    meds, samples = bench.measure_together(calls, rounds=4)
+    assert log == [0, 1, 2, 1, 2, 0, 2, 0, 1, 0, 1, 2]
+    assert [len(s) for s in samples] == [4, 4, 4]
+    assert meds == [pytest.approx(float(np.median(s))) for s in samples]
+    log.clear()  # rounds from the budget and the estimates, within [min_repeat, max_repeat]
+    bench.measure_together(calls, budget=1.0, estimates=[0.1, 0.1, 0.05], max_repeat=100)
+    assert len(log) == 3 * 12
+    log.clear()
+    bench.measure_together(calls, budget=0.0, estimates=[1.0] * 3, min_repeat=2)
+    assert len(log) == 3 * 2
+    log.clear()
+    bench.measure_together(calls, estimates=[5.0] * 3, slow=2.0)  # slow calls: one round
+    assert len(log) == 3
+
+
+def test_contenders_and_auto_are_retimed_together(monkeypatch):
+    """auto, its choice and every method within CONTENDERS of the fastest get their times from
+    one round-robin run; methods far behind keep their own."""
+    p = bench.Problem("conv-fwd", bench.SHAPES["tiny"], "float64")
+    entries = [bench.Entry(m, "fastconv", "cpu") for m in ("a", "b", "c")]
+    entries += [bench.Entry("auto", "auto", "cpu"), bench.Entry("numpy", "peer", "cpu")]
+    rows = [_result("conv-fwd", "a", 1.0), _result("conv-fwd", "b", 1.4),
+            _result("conv-fwd", "c", 9.0), _result("conv-fwd", "auto", 3.0, "auto", "c"),
+            _result("conv-fwd", "numpy", 0.5, "peer")]
+    made = []
+
+    def fake_call(problem, e):
+        made.append(e.method)
+        return (lambda: None), None, None
+
+    monkeypatch.setattr(bench, "_fastconv_or_peer_call", fake_call)
+    seen = {}
+
+    def fake_together(calls, **kw):
+        seen.update(kw, n=len(calls))
+        return [0.25 * (i + 1) for i in range(len(calls))], [[0.1]] * len(calls)
+
+    monkeypatch.setattr(bench, "measure_together", fake_together)
+    bench._retime_contenders(p, entries, rows, dict(repeat=None, budget=0.5, slow=2.0))
+    assert made == ["a", "b", "c", "auto"] and seen["n"] == 4 and seen["budget"] == 0.5
+    assert seen["estimates"] == [1.0, 1.4, 9.0, 3.0]
+    assert [r.time for r in rows] == [0.25, 0.5, 0.75, 1.0, 0.5]
+    assert [r.together for r in rows] == [True, True, True, True, False]
+    assert rows[0].gflops == pytest.approx(p.flops / 0.25 / 1e9)
+    made.clear()
+    rows = [_result("conv-fwd", "a", 1.0), _result("conv-fwd", "b", 1.6),
+            _result("conv-fwd", "c", 9.0), _result("conv-fwd", "auto", 1.1, "auto", "a"),
+            _result("conv-fwd", "numpy", 0.5, "peer")]
+    bench._retime_contenders(p, entries, rows, dict(repeat=7, budget=0.5, slow=2.0))
+    assert made == ["a", "auto"] and seen["rounds"] == 7
+    assert [r.time for r in rows] == [0.25, 1.6, 9.0, 0.5, 0.5]
 
 
 def test_max_error_flags_wrong_results():

@@ -171,6 +171,17 @@ def test_pool_backward_errors():
     bad[0, 0, 0, 0] = 16
     with pytest.raises(ValueError, match=r"indices must lie in \[0, 16\)"):
         fc.max_pool2d_backward(out, bad, x.shape, 2)
+    bad[0, 0, 0, 0] = -1
+    for dt in (np.int64, np.int32, np.int8):
+        with pytest.raises(ValueError, match=r"indices must lie in \[0, 16\).*\[-1, "):
+            fc.max_pool2d_backward(out, bad.astype(dt), x.shape, 2)
+    big = idx.astype(np.uint64)
+    big[0, 0, 0, 0] = 2**63 + 1  # negative once cast to int64: must still be refused
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 16\)"):
+        fc.max_pool2d_backward(out, big, x.shape, 2)
+    for dt in (np.int32, np.uint16):  # other integer dtypes in range are accepted
+        np.testing.assert_array_equal(fc.max_pool2d_backward(out, idx.astype(dt), x.shape, 2),
+                                      fc.max_pool2d_backward(out, idx, x.shape, 2))
     with pytest.raises(ValueError, match="input_shape must have 4 entries"):
         fc.max_pool2d_backward(out, idx, (2, 4, 4), 2)
     with pytest.raises(TypeError, match="input_shape must be a tuple of 4 ints"):
