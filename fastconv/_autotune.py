@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import _threads as _thread_count
+
 __all__ = ["autotune", "choose", "predict", "cache_dir", "load_table", "set_table", "clear"]
 
 _lock = threading.RLock()
@@ -73,9 +75,7 @@ def _write_json_atomic(path: Path, data) -> None:
 
 
 def _threads() -> int:
-    from . import _threads
-
-    return _threads.get_num_threads()
+    return _thread_count.get_num_threads()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,6 +141,7 @@ class _Table:
         self.source = ""
         self.feats: list[tuple] = []
         self.memo: dict = {}
+        self.generation = 0  # bumped whenever a remembered choice may have gone stale
 
 
 _table = _Table()
@@ -183,6 +184,7 @@ def _set(entries, source):
     _table.source = source
     _table.feats = [_entry_features(e) for e in _table.entries]
     _table.memo = {}
+    _table.generation += 1
 
 
 def set_table(entries, source="set_table()"):
@@ -343,6 +345,7 @@ def clear():
         _tuning.memo.clear()
         _tuning.file_loaded_from = None
         _table.memo = {}
+        _table.generation += 1
 
 
 def _tune_key(op, spec, names, threads):
@@ -417,8 +420,6 @@ def _random_inputs(op, spec, rng):
 
 def _time_candidates(op, spec, by_name, budget=0.2):
     """{method: seconds} for the candidates, fastest predicted first, hopeless ones cut short."""
-    from . import _threads
-
     args = _random_inputs(op, spec, np.random.default_rng(0))
     sync = lambda: None  # noqa: E731
     if spec.on_device:
@@ -430,7 +431,7 @@ def _time_candidates(op, spec, by_name, budget=0.2):
     fastest_predicted = min(ranking.values()) if ranking else None
     order = sorted(by_name, key=lambda m: (ranking.get(m, math.inf), -by_name[m].priority))
     times: dict[str, float] = {}
-    _threads.sync()
+    _thread_count.sync()
     for m in order:
         if fastest_predicted is not None and ranking.get(m, 0) > 8 * fastest_predicted:
             continue  # the table says it is far slower: not worth a call on a large problem
@@ -468,6 +469,14 @@ def _tuned(op, spec, by_name):
 
 # ---------------------------------------------------------------------------------------------
 # the choice
+
+
+def state():
+    """What a choice depends on besides the problem and the candidates; the registry keeps
+    its choices under it, so that they are made again when the table, the tuning setting or
+    the thread count changes."""
+    return (_tuning.enabled, _tuning.path, _table.generation, _table.entries is None,
+            _threads())
 
 
 def choose(op, spec, candidates):

@@ -19,6 +19,8 @@ import os
 import warnings
 from typing import Callable, NamedTuple
 
+from . import _autotune
+
 __all__ = ["BackendUnavailableError", "register", "resolve", "methods", "OPS"]
 
 OPS = ("conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward")
@@ -84,18 +86,28 @@ def candidates(op, spec):
     ]
 
 
+_auto_memo: dict = {}
+
+
 def _auto(op, spec):
     """The method="auto" choice: always one of `candidates` (usable, right side, supports the
-    problem); which one comes from measured times, see fastconv._autotune."""
+    problem); which one comes from measured times, see fastconv._autotune. Remembered, since
+    small GPU calls are short enough for a few microseconds to show."""
+    key = (op, spec, len(_REGISTRY), _autotune.state())
+    impl = _auto_memo.get(key)
+    if impl is not None and _REGISTRY.get((op, impl.method)) is impl:
+        return impl
     ok = candidates(op, spec)
     if not ok:  # only possible for device arrays without a usable CUDA method
         raise BackendUnavailableError(
             f"no method can run {op} on {'device' if spec.on_device else 'host'} arrays here; "
             "see `python -m fastconv info`"
         )
-    from . import _autotune
-
-    return _autotune.choose(op, spec, ok)
+    impl = _autotune.choose(op, spec, ok)
+    if len(_auto_memo) > 4096:
+        _auto_memo.clear()
+    _auto_memo[key] = impl
+    return impl
 
 
 def resolve(op, method, spec) -> Impl:

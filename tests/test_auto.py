@@ -184,6 +184,37 @@ def test_a_method_the_table_never_measured_wins_only_by_priority(fake_methods):
     assert _registry.resolve("conv2d", "auto", spec).method == "fake-new-high"
 
 
+def test_remembered_choices_follow_the_table_threads_registry_and_tuning(fake_methods):
+    """resolve() remembers auto's choice per problem; every change that could alter the
+    choice must make it choose again."""
+    spec = conv_spec(*SUITE_LIKE[0][:2])
+    fake_methods("fake-a")
+    fake_methods("fake-b")
+    _autotune.set_table([table_entry(spec, {"fake-a": 1.0, "fake-b": 2.0})])
+    assert _registry.resolve("conv2d", "auto", spec).method == "fake-a"
+    assert _registry.resolve("conv2d", "auto", spec).method == "fake-a"
+    _autotune.set_table([table_entry(spec, {"fake-a": 2.0, "fake-b": 1.0})])  # a new table
+    assert _registry.resolve("conv2d", "auto", spec).method == "fake-b"
+    two = table_entry(spec, {"fake-a": 1.0, "fake-b": 2.0})
+    two["threads"] = 1  # a ranking measured with one thread, for when one thread is set
+    _autotune.set_table([table_entry(spec, {"fake-a": 2.0, "fake-b": 1.0}), two])
+    before = fc.get_num_threads()
+    try:
+        fc.set_num_threads(1)
+        assert _registry.resolve("conv2d", "auto", spec).method == "fake-a"
+    finally:
+        fc.set_num_threads(before)
+    assert _registry.resolve("conv2d", "auto", spec).method == "fake-b"
+    fake_methods("fake-b", priority=3)  # the chosen implementation replaced ...
+    fake_methods("fake-c", priority=9)  # ... and a new one the table never measured
+    assert _registry.resolve("conv2d", "auto", spec).method == "fake-c"
+    n = _autotune._tuning.measurements
+    with fc.autotune():  # turning measured mode on is not hidden by the remembered choice
+        _registry.resolve("conv2d", "auto", spec)
+        assert _autotune._tuning.measurements == n + 1
+    assert _registry.resolve("conv2d", "auto", spec).method == "fake-c"
+
+
 def test_without_a_table_the_highest_priority_wins(fake_methods):
     fake_methods("fake-low", priority=1)
     fake_methods("fake-top", priority=2)
