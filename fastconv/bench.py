@@ -852,10 +852,13 @@ def machine_summary(threads):
 
 
 def format_markdown(results, report, meta):
-    out = [f"Measured {meta['date']} on {meta['machine']}, {meta['threads']} threads; "
-           f"BLAS: {meta['blas']}; GPU: {meta['gpu']}.",
-           "", f"Command: `{meta['command']}`", "",
-           "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), ""]
+    """The tables in Markdown; ``meta`` is one run's `machine_summary` or a list of them."""
+    out = []
+    for m in (meta if isinstance(meta, list) else [meta]):
+        out += [f"Measured {m['date']} on {m['machine']}, {m['threads']} threads; "
+                f"BLAS: {m['blas']}; GPU: {m['gpu']}.",
+                "", f"Command: `{m['command']}`", "",
+                "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()), ""]
     rows = table_rows(results)
     for op in OPS:
         sel = [c for r, c in zip(results, rows) if r.op == op]
@@ -883,7 +886,8 @@ def plot(results, path, threads=None):
     if not timed:
         raise SystemExit("--plot: nothing was timed")
     panels = list(dict.fromkeys((r.op, r.dtype) for r in timed))
-    sides = ["CPU"] + (["GPU"] if any(r.device == "gpu" for r in timed) else [])
+    sides = [side for side, dev in (("CPU", "cpu"), ("GPU", "gpu"))
+             if any(r.device == dev for r in timed)]
     labels = list(dict.fromkeys(r.method for r in timed))
     cmap = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
     colors = {m: cmap(i % cmap.N) for i, m in enumerate(labels)}
@@ -1042,8 +1046,35 @@ def add_arguments(p: argparse.ArgumentParser):
                         "auto_table.json in the user's cache dir, which auto then uses; a .py "
                         "path writes a module like fastconv/_autotable.py). Entries of the file "
                         "for problems not measured in this run are kept")
+    p.add_argument("--from", dest="from_files", metavar="FILES",
+                   help="comma list of JSON files written by --json: print, plot and write "
+                        "their results together instead of timing (e.g. a CPU run and a GPU "
+                        "run side by side)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--list", action="store_true", help="list shapes and methods, then exit")
+
+
+def load_results(paths):
+    """(results, metas, CPU threads) from JSON files written by ``--json``, in the order
+    given; the thread count is the first file's with CPU rows (None if none has any)."""
+    results, metas, threads = [], [], None
+    for path in paths:
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            rows, meta = [Result(**r) for r in data["results"]], data["meta"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"--from: {path} is not a results file written by --json ({e})")
+        meta = meta if isinstance(meta, list) else [meta]
+        if threads is None and any(r.device == "cpu" for r in rows):
+            threads = meta[0].get("threads")
+        results += rows
+        metas += meta
+    order = {name: i for i, name in enumerate(SHAPES)}
+    ops = list(OPS)
+    results.sort(key=lambda r: (ops.index(r.op) if r.op in ops else len(ops),
+                                order.get(r.shape, len(order)), r.dtype))  # stable: files' order
+    return results, metas, threads
 
 
 def _list():
@@ -1064,6 +1095,17 @@ def main(args) -> int:
     if args.list:
         _list()
         return 0
+    if args.plot:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise SystemExit("--plot needs matplotlib: pip install matplotlib "
+                             "(or pip install 'fastconv[bench]')")
+    if args.from_files:
+        if args.save_policy is not None:
+            raise SystemExit("--save-policy needs a run; it cannot be used with --from")
+        results, metas, threads = load_results(_split(args.from_files))
+        return _output(args, results, metas if len(metas) > 1 else metas[0], threads)
     import warnings
 
     import fastconv as fc
@@ -1085,12 +1127,6 @@ def main(args) -> int:
     for o in ops:
         if o not in OPS:
             raise SystemExit(f"--ops: {o!r} is not one of {', '.join(OPS)}")
-    if args.plot:
-        import importlib.util
-
-        if importlib.util.find_spec("matplotlib") is None:
-            raise SystemExit("--plot needs matplotlib: pip install matplotlib "
-                             "(or pip install 'fastconv[bench]')")
     shapes = select_shapes(args.shapes, args.quick)
     problems = [Problem(op, s, d) for op in ops for s in shapes if s.kind == OPS[op][1]
                 for d in dtypes]
@@ -1116,19 +1152,35 @@ def main(args) -> int:
     if not results:
         why = f" ({_registry.cuda_missing()})" if args.device == "gpu" and not _real_gpu() else ""
         raise SystemExit(f"nothing to time: no method or peer fits the options{why}")
-    report = auto_report(results)
     meta = machine_summary(threads)
     meta["seconds"] = round(elapsed, 1)
+    status = _output(args, results, meta, threads)
+    if args.save_policy is not None:
+        from . import _autotune
+
+        path = args.save_policy or str(_autotune.default_table_path())
+        save_policy(policy_entries(results, threads), path, meta)
+        print(f"auto policy table written to {path}", file=sys.stderr)
+    return status
+
+
+def _output(args, results, meta, threads):
+    """Print and write what the options ask for; the exit status (1 if a result failed).
+    ``meta``: this run's `machine_summary`, or a list of them (``--from``)."""
+    report = auto_report(results)
+    metas = meta if isinstance(meta, list) else [meta]
     if args.markdown == "-":
         print(format_markdown(results, report, meta))
     else:
-        print(f"fastconv bench: {meta['machine']}; {threads} threads; BLAS {meta['blas']}; "
-              f"GPU {meta['gpu']}")
+        for m in metas:
+            print(f"fastconv bench: {m['machine']}; {m['threads']} threads; BLAS {m['blas']}; "
+                  f"GPU {m['gpu']}")
         print(format_text(results))
         print()
         print(format_auto(report))
-        print(f"({len(results)} runs in {elapsed:.0f} s; * fastest on its side; max err = max "
-              "|y - ref| / max(1, max |ref|) against NumPy im2col in float64)")
+        took = "".join(f" in {m['seconds']:.0f} s" for m in metas[:1] if m.get("seconds"))
+        print(f"({len(results)} runs{took if len(metas) == 1 else ''}; * fastest on its side; "
+              "max err = max |y - ref| / max(1, max |ref|) against NumPy im2col in float64)")
         if args.markdown:
             with open(args.markdown, "w") as f:
                 f.write(format_markdown(results, report, meta))
@@ -1138,12 +1190,6 @@ def main(args) -> int:
                        "auto": report}, f, indent=1)
     if args.plot:
         plot(results, args.plot, threads)
-    if args.save_policy is not None:
-        from . import _autotune
-
-        path = args.save_policy or str(_autotune.default_table_path())
-        save_policy(policy_entries(results, threads), path, meta)
-        print(f"auto policy table written to {path}", file=sys.stderr)
     failed = [r for r in results if r.ok is False]
     for r in failed:
         print(f"FAILED: {r.op} {r.shape} {r.dtype} {r.label} ({r.device}): "

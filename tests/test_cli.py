@@ -118,6 +118,35 @@ def test_bench_device_option_keeps_one_side(tmp_path):
     assert {"auto", "naive"} <= {r["method"] for r in rows}
 
 
+def test_bench_from_saved_results_reports_them_together(tmp_path):
+    common = ["--shapes", "tiny", "--dtype", "float64", "--repeat", "1", "--pause", "0",
+              "--no-progress", "--no-peers"]
+    for ops, name in (("conv-fwd", "a.json"), ("conv-bwd", "b.json")):
+        out = run_cli(["bench", "--ops", ops, *common, "--json", name], tmp_path)
+        assert out.returncode == 0, out.stdout + out.stderr
+    args = ["bench", "--from", "b.json,a.json", "--json", "ab.json", "--markdown", "ab.md"]
+    if _importable("matplotlib"):
+        args += ["--plot", "ab.png"]
+    out = run_cli(args, tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("fastconv bench: ") == 2  # one line per source run
+    data = json.loads((tmp_path / "ab.json").read_text())
+    a, b = (json.loads((tmp_path / n).read_text()) for n in ("a.json", "b.json"))
+    assert len(data["meta"]) == 2 and len(data["results"]) == len(a["results"]) + len(b["results"])
+    assert [r["op"] for r in data["results"]][0] == "conv-fwd"  # suite order, not file order
+    assert {x["op"] for x in data["auto"]} == {"conv-fwd", "conv-bwd"}
+    assert (tmp_path / "ab.md").read_text().count("Measured ") == 2
+    if _importable("matplotlib"):
+        assert (tmp_path / "ab.png").read_bytes()[:4] == b"\x89PNG"
+    out = run_cli(["bench", "--from", "ab.json"], tmp_path)  # a merged file reads back
+    assert out.returncode == 0 and out.stdout.count("fastconv bench: ") == 2
+    out = run_cli(["bench", "--from", "a.json", "--save-policy", "p.json"], tmp_path)
+    assert out.returncode == 1 and "cannot be used with --from" in out.stderr
+    (tmp_path / "bad.json").write_text("{}")
+    out = run_cli(["bench", "--from", "bad.json"], tmp_path)
+    assert out.returncode == 1 and "bad.json is not a results file" in out.stderr
+
+
 def _importable(name):
     import importlib.util
 

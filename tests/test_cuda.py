@@ -313,3 +313,41 @@ def test_gpu_torch_and_cupy_arrays_are_accepted():
         return
     y = fc.conv2d(cupy.asarray(x.cpu().numpy()), cupy.asarray(w.cpu().numpy()), padding=1)
     np.testing.assert_allclose(y.copy_to_host(), want, **tol(np.float32, 144))
+
+
+@pytest.mark.cuda
+@pytest.mark.gpu
+def test_gpu_pool_recycles_a_block_only_once_no_array_uses_it():
+    import gc
+
+    from fastconv.kernels import cuda as kc
+
+    def ptr(d):
+        return d.__cuda_array_interface__["data"][0]
+
+    assert kc._get_pool(), kc._pool_off_reason
+    ref = np.arange(3000, dtype=np.float32)
+    a = kc._empty((3000,), np.float32)
+    a.copy_to_device(ref)
+    p = ptr(a)
+    view = a[10:20]
+    del a
+    gc.collect()
+    b = kc._empty((3000,), np.float32)  # the view keeps the block: b lives elsewhere
+    b.copy_to_device(np.zeros(3000, np.float32))
+    assert ptr(b) != p
+    np.testing.assert_array_equal(view.copy_to_host(), ref[10:20])
+    del view
+    gc.collect()
+    c = kc._empty((3000,), np.float32)  # now the block is free again
+    assert ptr(c) == p
+    # results of the methods come from the pool and hold their values while held
+    x = device(np.random.default_rng(3).standard_normal((2, 3, 9, 9)).astype(np.float32))
+    w = device(np.random.default_rng(4).standard_normal((4, 3, 3, 3)).astype(np.float32))
+    y1 = fc.conv2d(x, w, method="cuda-direct")
+    want = y1.copy_to_host()
+    hits = kc._pool.hits
+    for _ in range(3):
+        fc.conv2d(x, w, method="cuda-direct")  # each result dropped at once: blocks reused
+    assert kc._pool.hits > hits
+    np.testing.assert_array_equal(y1.copy_to_host(), want)

@@ -7,7 +7,8 @@ copied once on the device, and the results stay on the device as Numba device ar
 
 This module imports no part of ``numba.cuda`` until a kernel is first needed, so it imports on a
 machine without a GPU or a CUDA toolkit. Only the core API is used (``cuda.jit``, ``cuda.grid``,
-shared and local arrays, ``syncthreads``, ``to_device``, ``device_array``), so the same code runs
+shared and local arrays, ``syncthreads``, ``to_device``, ``device_array``; on a GPU, results come
+from a pool of recycled blocks, see ``_devpool``), so the same code runs
 on Numba's built-in CUDA target, on the ``numba-cuda`` package and in the simulator
 (``NUMBA_ENABLE_CUDASIM=1``).
 
@@ -42,10 +43,13 @@ constants) on first use in a process.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import threading
 
 import numpy as np
+
+from . import _devpool
 
 __all__ = [
     "conv2d_forward_naive", "conv2d_backward_naive",
@@ -53,6 +57,7 @@ __all__ = [
     "conv2d_forward_direct", "conv2d_backward_direct",
     "max_pool2d_forward_naive", "max_pool2d_backward_naive",
     "max_pool2d_forward_direct", "max_pool2d_backward_direct",
+    "empty_cache",
 ]
 
 cuda = None  # numba.cuda, bound on first use; kernels look it up as a module global
@@ -106,7 +111,9 @@ class _Io:
 
     def _to_device(self, a):
         if not self.on_device:  # C-contiguous already; size-1 axes may carry odd strides
-            return cuda.to_device(a if _canonical(a) else a.copy(order="C"))
+            d = _empty(a.shape, a.dtype)
+            d.copy_to_device(a if _canonical(a) else a.copy(order="C"))
+            return d
         if getattr(a, "__cuda_ndarray__", False):  # a Numba device array (or the simulator's)
             d = a
         else:  # CuPy, PyTorch, ...: a Numba view of the same memory
@@ -117,7 +124,7 @@ class _Io:
         return d if self.on_device else d.copy_to_host()
 
     def empty(self, shape, dtype=None):
-        return cuda.device_array(shape, dtype=self.dtype if dtype is None else dtype)
+        return _empty(shape, self.dtype if dtype is None else dtype)
 
 
 def _canonical(a):
@@ -131,7 +138,7 @@ def _canonical(a):
 
 def _contiguous_copy(d):
     """A C-contiguous copy, made on the device, of a strided device array."""
-    out = cuda.device_array(d.shape, dtype=d.dtype)
+    out = _empty(d.shape, d.dtype)
     if d.ndim == 1:
         _launch_flat(_elementwise().copy1, d.shape[0], d, out)
     elif d.ndim == 4:
@@ -139,6 +146,69 @@ def _contiguous_copy(d):
     else:  # pragma: no cover - the validators only pass 1-D and 4-D arrays
         raise ValueError(f"unexpected {d.ndim}-D device array")
     return out
+
+
+_pool = None  # a _devpool.BlockPool once the first array is made; False when not used
+_pool_off_reason = ""
+_live: dict = {}  # token -> the pointer of a pooled array, alive until its last view is gone
+_tokens = itertools.count()
+
+
+def _get_pool():
+    global _pool, _pool_off_reason
+    if _pool is None:
+        limit = _devpool.limit_from_env()
+        if _sim():
+            _pool, _pool_off_reason = False, "the CUDA simulator"
+        elif limit == 0:
+            _pool, _pool_off_reason = False, "FASTCONV_CUDA_POOL_MB=0"
+        else:
+            _pool = _devpool.BlockPool(limit)
+    return _pool
+
+
+def _empty(shape, dtype):
+    """``cuda.device_array(shape, dtype)``, its memory from the pool (see fastconv.kernels.
+    _devpool): an array built the way Numba builds its own, with a finalizer that hands the
+    block back instead of freeing it."""
+    global _pool, _pool_off_reason
+    dtype = np.dtype(dtype)
+    shape = tuple(int(v) for v in shape) if isinstance(shape, tuple) else (int(shape),)
+    nbytes = math.prod(shape) * dtype.itemsize
+    pool = _get_pool()
+    if not pool or nbytes == 0:
+        return cuda.device_array(shape, dtype=dtype)
+    try:
+        from numba.cuda.cudadrv.devicearray import DeviceNDArray
+        from numba.cuda.cudadrv.driver import AutoFreePointer
+    except ImportError as e:  # a Numba without these internals: allocate plainly
+        _pool, _pool_off_reason = False, f"Numba's internals differ ({e})"
+        return cuda.device_array(shape, dtype=dtype)
+    size = _devpool.rounded(nbytes)
+    ctx = cuda.current_context()
+    key = id(ctx)
+    block = pool.take(key, size)
+    if block is None:
+        block = ctx.memalloc(size)
+    token = next(_tokens)
+
+    def release():
+        _live.pop(token, None)
+        pool.give(key, size, block)
+
+    mem = AutoFreePointer(ctx, block.device_pointer, size, finalizer=release)
+    _live[token] = mem  # as Numba's context keeps its allocations: refcounts decide the end
+    strides, step = [], dtype.itemsize
+    for dim in reversed(shape):
+        strides.append(step)
+        step *= dim
+    return DeviceNDArray(shape, tuple(reversed(strides)), dtype, gpu_data=mem.own())
+
+
+def empty_cache():
+    """Free the idle blocks of the CUDA methods' memory pool (arrays in use stay)."""
+    if _pool:
+        _pool.clear()
 
 
 _local = threading.local()
@@ -152,13 +222,13 @@ def _workspace(name, shape, dtype):
     size = int(np.prod(shape))
     buf = cache.get(name)
     if buf is None or buf.dtype != np.dtype(dtype) or buf.shape[0] < size:
-        cache[name] = buf = cuda.device_array(max(size, 1), dtype=dtype)
+        cache[name] = buf = _empty(max(size, 1), dtype)
     return buf[:size].reshape(shape)
 
 
 def _dummy(dtype):
     """A stand-in for an absent bias (kernels take arrays, not None)."""
-    return cuda.device_array(1, dtype=dtype)
+    return _empty(1, dtype)
 
 
 def _launch_flat(kernel, total, *args):
@@ -225,7 +295,7 @@ def _ns(**kw):
 
 
 def _bias_grad(gd, spec):
-    db = cuda.device_array(spec.w_shape[0], dtype=spec.dtype)
+    db = _empty(spec.w_shape[0], spec.dtype)
     blocks = min(spec.w_shape[0], 2 if _sim() else 65535)
     _elementwise().bias_grad[blocks, 4 if _sim() else _TPB](gd, db)
     return db
