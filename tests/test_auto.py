@@ -35,22 +35,24 @@ def fresh_state():
 
 
 @pytest.fixture
-def fake_methods(monkeypatch):
-    """Replace the conv2d methods by fakes (thin wrappers over naive) for one test."""
+def fake_methods():
+    """Replace the conv2d methods by fakes (thin wrappers over naive) for one test; the
+    registry comes back as it was, in its order (error messages list methods in that order)."""
+    saved = dict(_registry._REGISTRY)
     for key in [k for k in _registry._REGISTRY if k[0] == "conv2d"]:
-        monkeypatch.delitem(_registry._REGISTRY, key)
-    added = []
+        del _registry._REGISTRY[key]
 
     def add(method, *, priority=0, supports=lambda spec: True, unavailable=lambda: None,
             target="fast_conv", device="cpu"):
-        monkeypatch.setitem(
-            _registry._REGISTRY, ("conv2d", method),
-            _registry.Impl("conv2d", method, f"{__name__}:{target}", device, unavailable,
-                           supports, priority))
-        added.append(method)
+        _registry._REGISTRY["conv2d", method] = _registry.Impl(
+            "conv2d", method, f"{__name__}:{target}", device, unavailable, supports, priority)
 
-    yield add
-    _autotune.clear()
+    try:
+        yield add
+    finally:
+        _registry._REGISTRY.clear()
+        _registry._REGISTRY.update(saved)
+        _autotune.clear()
 
 
 CALLS = {"fast": 0, "slow": 0}
