@@ -222,7 +222,7 @@ def predict(op, spec, names, threads=None):
 
 
 def _policy(op, spec, by_name):
-    key = (op, spec, tuple(by_name), _threads())
+    key = (op, spec, tuple(by_name.values()), _threads())  # the implementations themselves
     hit = _table.memo.get(key)
     if hit is not None and hit in by_name:
         return hit

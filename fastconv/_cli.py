@@ -80,6 +80,7 @@ def _cuda_info():
     out["implementation"] = str(getattr(cuda, "implementation", "unknown"))
     sim = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
     out["simulator"] = "yes (NUMBA_ENABLE_CUDASIM=1)" if sim else "no"
+    out["memory pool"] = _pool_info(sim)
     if sim:
         out["gpu"] = "simulator"
         return out
@@ -110,6 +111,20 @@ def _cuda_info():
     except Exception:
         pass
     return out
+
+
+def _pool_info(sim):
+    from .kernels import _devpool
+
+    try:
+        limit = _devpool.limit_from_env()
+    except ValueError as e:
+        return f"misconfigured: {e}"
+    if sim:
+        return "not used in the simulator"
+    if limit == 0:
+        return "off (FASTCONV_CUDA_POOL_MB=0)"
+    return f"results reuse freed blocks; up to {limit / 2**20:g} MiB idle (FASTCONV_CUDA_POOL_MB)"
 
 
 def _blas_info():

@@ -51,12 +51,15 @@ def _load(target):
 
 
 _REGISTRY: dict[tuple[str, str], Impl] = {}
+_generation = 0  # bumped by register(): auto's remembered choices are made again
 
 
 def register(op, method, target, *, device="cpu", unavailable=lambda: None,
              supports=lambda spec: True, priority=0):
     """Add an implementation of ``op`` under the name ``method``."""
+    global _generation
     assert op in OPS, op
+    _generation += 1
     _REGISTRY[op, method] = Impl(
         op, method, target, device, functools.cache(unavailable), supports, priority
     )
@@ -93,7 +96,7 @@ def _auto(op, spec):
     """The method="auto" choice: always one of `candidates` (usable, right side, supports the
     problem); which one comes from measured times, see fastconv._autotune. Remembered, since
     small GPU calls are short enough for a few microseconds to show."""
-    key = (op, spec, len(_REGISTRY), _autotune.state())
+    key = (op, spec, _generation, len(_REGISTRY), _autotune.state())
     impl = _auto_memo.get(key)
     if impl is not None and _REGISTRY.get((op, impl.method)) is impl:
         return impl

@@ -598,7 +598,12 @@ def run(problems, *, methods=None, exclude=(), repeat=None, budget=1.0, pause=0.
                 time.sleep(pause)
             if entries:
                 bar.say(f"{p.op} {p.shape.name} {p.dtype}: contenders together")
-            _retime_contenders(p, entries, rows, timing)
+            try:
+                _retime_contenders(p, entries, rows, timing)
+            except Exception as exc:  # keep the first timings; say why they stand
+                for r in rows:
+                    if r.kind in ("fastconv", "auto") and r.time:
+                        r.note = f"not re-timed: {type(exc).__name__}: {exc}"[:200]
             _compare(p, rows)
             results += rows
             p._inputs = None  # free the arrays
@@ -1056,7 +1061,9 @@ def add_arguments(p: argparse.ArgumentParser):
 
 def load_results(paths):
     """(results, metas, CPU threads) from JSON files written by ``--json``, in the order
-    given; the thread count is the first file's with CPU rows (None if none has any)."""
+    given; the thread count is that of the runs with CPU rows (None if unknown or mixed).
+    The runs must not overlap: each (op, shape, dtype, method, device) comes from one run, so
+    that "fastest" and "auto" are compared within one run."""
     results, metas, threads = [], [], None
     for path in paths:
         try:
@@ -1066,10 +1073,19 @@ def load_results(paths):
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise SystemExit(f"--from: {path} is not a results file written by --json ({e})")
         meta = meta if isinstance(meta, list) else [meta]
-        if threads is None and any(r.device == "cpu" for r in rows):
-            threads = meta[0].get("threads")
+        if any(r.device == "cpu" for r in rows):
+            # a merged file does not say which of its runs made the CPU rows
+            t = meta[0].get("threads") if len(meta) == 1 else None
+            threads = t if threads is None else (threads if t == threads else None)
         results += rows
         metas += meta
+    seen = {}
+    for r in results:
+        key = (r.op, r.shape, r.dtype, r.method, r.device)
+        if key in seen:
+            raise SystemExit(f"--from: {r.op} {r.shape} {r.dtype} {r.method} ({r.device}) is in "
+                             "more than one of the runs; give runs that do not overlap")
+        seen[key] = r
     order = {name: i for i, name in enumerate(SHAPES)}
     ops = list(OPS)
     results.sort(key=lambda r: (ops.index(r.op) if r.op in ops else len(ops),

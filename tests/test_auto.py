@@ -44,8 +44,8 @@ def fake_methods():
 
     def add(method, *, priority=0, supports=lambda spec: True, unavailable=lambda: None,
             target="fast_conv", device="cpu"):
-        _registry._REGISTRY["conv2d", method] = _registry.Impl(
-            "conv2d", method, f"{__name__}:{target}", device, unavailable, supports, priority)
+        _registry.register("conv2d", method, f"{__name__}:{target}", device=device,
+                           unavailable=unavailable, supports=supports, priority=priority)
 
     try:
         yield add
@@ -207,8 +207,12 @@ def test_remembered_choices_follow_the_table_threads_registry_and_tuning(fake_me
     finally:
         fc.set_num_threads(before)
     assert _registry.resolve("conv2d", "auto", spec).method == "fake-b"
+    fake_methods("fake-d", priority=-1)  # never measured, lowest priority: not chosen
+    assert _registry.resolve("conv2d", "auto", spec).method == "fake-b"
+    fake_methods("fake-d", priority=50)  # registered again, same count of methods: now it wins
+    assert _registry.resolve("conv2d", "auto", spec).method == "fake-d"
     fake_methods("fake-b", priority=3)  # the chosen implementation replaced ...
-    fake_methods("fake-c", priority=9)  # ... and a new one the table never measured
+    fake_methods("fake-c", priority=99)  # ... and a new one the table never measured
     assert _registry.resolve("conv2d", "auto", spec).method == "fake-c"
     n = _autotune._tuning.measurements
     with fc.autotune():  # turning measured mode on is not hidden by the remembered choice

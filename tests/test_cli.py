@@ -54,6 +54,18 @@ def test_info_json_and_reasons_for_unusable_methods():
     assert info["cuda"]["gpu"]
 
 
+def test_info_reports_the_cuda_memory_pool(monkeypatch):
+    if "memory pool" not in _cli._cuda_info():
+        pytest.skip("numba.cuda cannot be imported here")
+    monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", "0")
+    monkeypatch.setenv("FASTCONV_CUDA_POOL_MB", "256")
+    assert "up to 256 MiB idle" in _cli._cuda_info()["memory pool"]
+    monkeypatch.setenv("FASTCONV_CUDA_POOL_MB", "0")
+    assert _cli._cuda_info()["memory pool"].startswith("off")
+    monkeypatch.setenv("FASTCONV_CUDA_POOL_MB", "lots")
+    assert "misconfigured" in _cli._cuda_info()["memory pool"]
+
+
 def test_no_command_prints_help(capsys):
     assert _cli.main([]) == 2
     assert "bench" in capsys.readouterr().out

@@ -326,6 +326,7 @@ def test_gpu_pool_recycles_a_block_only_once_no_array_uses_it():
         return d.__cuda_array_interface__["data"][0]
 
     assert kc._get_pool(), kc._pool_off_reason
+    assert kc._empty((3,), np.float32).alloc_size == 12  # its own size, not its block's
     ref = np.arange(3000, dtype=np.float32)
     a = kc._empty((3000,), np.float32)
     a.copy_to_device(ref)

@@ -1,6 +1,9 @@
 """The bookkeeping of the CUDA methods' device-memory pool (no GPU needed); the pool on real
 device arrays is tested in test_cuda.py (gpu marker)."""
 
+import os
+
+import numpy as np
 import pytest
 
 from fastconv.kernels import _devpool
@@ -46,3 +49,103 @@ def test_limit_from_the_environment(monkeypatch):
     monkeypatch.setenv("FASTCONV_CUDA_POOL_MB", "lots")
     with pytest.raises(ValueError, match="FASTCONV_CUDA_POOL_MB must be a number"):
         _devpool.limit_from_env()
+
+
+# ---------------------------------------------------------------------------------------------
+# the Numba glue (fastconv.kernels.cuda._empty) on a fake context: no driver call is made
+
+
+class _FakeContext:
+    """Hands out fake device pointers; counts allocations; can fail like a full device."""
+
+    def __init__(self):
+        import ctypes
+
+        from numba.cuda.cudadrv import driver
+
+        self.handle = ctypes.c_void_p(0xC0)
+        self.allocs, self.fail_next, self._next = 0, False, 0x100000
+        self._driver, self._ctypes = driver, ctypes
+
+    def memalloc(self, size):
+        if self.fail_next:
+            self.fail_next = False
+            raise MemoryError("out of memory (fake)")
+        self.allocs += 1
+        ptr = self._ctypes.c_void_p(self._next)
+        self._next += 1 << 24
+        return self._driver.MemoryPointer(self, ptr, size)  # stands in for an OwnedPointer
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    import gc
+
+    try:
+        from numba import cuda as numba_cuda
+        from numba.cuda.cudadrv import driver
+    except ImportError as e:
+        pytest.skip(f"numba.cuda internals not importable: {e}")
+    if getattr(driver, "USE_NV_BINDING", False) or os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        pytest.skip("the fake context speaks the ctypes binding, outside the simulator")
+    from fastconv.kernels import cuda as kc
+
+    ctx = _FakeContext()
+    monkeypatch.setattr(kc, "cuda", numba_cuda)
+    monkeypatch.setattr(numba_cuda, "current_context", lambda: ctx)
+    monkeypatch.setattr(kc, "_pool", _devpool.BlockPool(limit=2048))
+    yield kc, ctx
+    gc.collect()
+    kc._live.clear()
+
+
+def _addr(d):
+    return d.gpu_data.device_pointer.value
+
+
+def test_pooled_arrays_have_their_own_size_and_strides(fake_gpu):
+    kc, ctx = fake_gpu
+    a = kc._empty((3,), np.float32)
+    assert (a.shape, a.strides, a.dtype, a.alloc_size) == ((3,), (4,), np.float32, 12)
+    b = kc._empty((2, 3, 4), np.float64)
+    assert b.strides == (96, 32, 8) and b.alloc_size == 192 and ctx.allocs == 2
+
+
+def test_a_block_is_reused_only_after_its_last_view_is_gone(fake_gpu):
+    import gc
+
+    kc, ctx = fake_gpu
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+    a = kc._empty((100,), np.float32)
+    first = _addr(a)
+    # a[10:20] as Numba makes it (slicing itself wants a live context)
+    view = DeviceNDArray((10,), (4,), np.float32, gpu_data=a.gpu_data.view(40, 80))
+    del a
+    gc.collect()
+    b = kc._empty((100,), np.float32)  # the view still holds the first block
+    assert _addr(b) != first and ctx.allocs == 2
+    del view
+    gc.collect()
+    assert kc._pool.idle == 512
+    c = kc._empty((110,), np.float32)  # same rounded size: the freed block, no allocation
+    assert _addr(c) == first and ctx.allocs == 2 and c.alloc_size == 440
+    del b, c
+    gc.collect()
+    assert kc._pool.idle == 1024
+
+
+def test_a_full_device_frees_the_idle_blocks_and_retries(fake_gpu):
+    import gc
+
+    kc, ctx = fake_gpu
+    a = kc._empty((100,), np.float32)
+    del a
+    gc.collect()
+    assert kc._pool.idle == 512
+    ctx.fail_next = True
+    d = kc._empty((1000,), np.float32)  # another size: must allocate, fails once, then works
+    assert d.alloc_size == 4000 and kc._pool.idle == 0
+    ctx.fail_next = True
+    with pytest.raises(MemoryError):  # nothing idle to free: the error stands
+        kc._empty((1000,), np.float32)

@@ -10,8 +10,12 @@ asks for the same sizes every step, so after the first step no call allocates.
 Idle blocks are kept up to ``FASTCONV_CUDA_POOL_MB`` MiB (default 1024; 0 turns the pool off);
 a block freed beyond that goes back to the driver. `empty_cache` frees every idle block.
 
-Recycling is safe because fastconv launches every kernel on the default stream: the next
-kernel to write a recycled block runs after every earlier kernel that may still read it.
+Recycling is safe because fastconv launches every kernel on the legacy default stream: the
+next kernel to write a recycled block runs after every earlier kernel that may still read it.
+With per-thread default streams (``NUMBA_CUDA_PER_THREAD_DEFAULT_STREAM=1``) that ordering is
+gone, so the pool is off. A caller who also reads a result on a non-blocking stream of its
+own (a PyTorch side stream, say) must synchronize that stream before dropping the result, as
+with PyTorch's allocator.
 
 This module holds the bookkeeping only (no CUDA import), so it is tested without a GPU; the
 Numba glue is ``fastconv.kernels.cuda._empty``.

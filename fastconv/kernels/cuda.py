@@ -45,6 +45,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import os
 import threading
 
 import numpy as np
@@ -162,9 +163,36 @@ def _get_pool():
             _pool, _pool_off_reason = False, "the CUDA simulator"
         elif limit == 0:
             _pool, _pool_off_reason = False, "FASTCONV_CUDA_POOL_MB=0"
+        elif _per_thread_default_streams():
+            # each thread's default stream would order only that thread's kernels: a block
+            # freed in one thread could be written by another while still being read
+            _pool, _pool_off_reason = False, "per-thread default streams"
         else:
             _pool = _devpool.BlockPool(limit)
     return _pool
+
+
+def _per_thread_default_streams():
+    from numba import config
+
+    env = os.environ.get("NUMBA_CUDA_PER_THREAD_DEFAULT_STREAM", "0").strip()
+    return bool(getattr(config, "CUDA_PER_THREAD_DEFAULT_STREAM", 0)) or env not in ("", "0")
+
+
+def _context_key(ctx):
+    h = ctx.handle
+    return getattr(h, "value", None) or int(h)
+
+
+def _allocate(ctx, pool, size):
+    """A fresh block; when the device is full, the pool's idle blocks are freed first."""
+    try:
+        return ctx.memalloc(size)
+    except Exception:  # out of memory (CudaAPIError): Numba retries after its pending frees
+        if not pool.idle:
+            raise
+        pool.clear()
+        return ctx.memalloc(size)
 
 
 def _empty(shape, dtype):
@@ -186,17 +214,23 @@ def _empty(shape, dtype):
         return cuda.device_array(shape, dtype=dtype)
     size = _devpool.rounded(nbytes)
     ctx = cuda.current_context()
-    key = id(ctx)
+    key = _context_key(ctx)
     block = pool.take(key, size)
-    if block is None:
-        block = ctx.memalloc(size)
+    try:
+        pointer = block.device_pointer if block is not None else None
+    except ReferenceError:  # its context was closed meanwhile
+        pointer = None
+    if pointer is None:
+        block = _allocate(ctx, pool, size)
+        pointer = block.device_pointer
     token = next(_tokens)
 
     def release():
         _live.pop(token, None)
         pool.give(key, size, block)
 
-    mem = AutoFreePointer(ctx, block.device_pointer, size, finalizer=release)
+    # the array's own size, not the block's: Numba copies that many bytes to and from it
+    mem = AutoFreePointer(ctx, pointer, nbytes, finalizer=release)
     _live[token] = mem  # as Numba's context keeps its allocations: refcounts decide the end
     strides, step = [], dtype.itemsize
     for dim in reversed(shape):
