@@ -301,6 +301,9 @@ FUSED_CASES = {  # x shape, (K, kh, kw), stride, dilation, ((top, bottom), (left
     "s2-d2-asym": ((2, 4, 9, 8), (6, 2, 3), (2, 1), (2, 2), ((2, 0), (1, 3)), 2),
     "depthwise": ((3, 6, 6, 7), (6, 3, 3), (1, 2), (1, 1), ((1, 1), (1, 1)), 6),
     "1x1": ((2, 5, 4, 5), (3, 1, 1), (1, 1), (1, 1), ((0, 0), (0, 0)), 1),
+    # 1x1 stride 1 unpadded reads x and writes dx in place; padded or grouped variants too
+    "1x1-groups": ((3, 6, 5, 4), (4, 1, 1), (1, 1), (2, 1), ((0, 0), (0, 0)), 2),
+    "1x1-padded": ((2, 3, 4, 5), (2, 1, 1), (1, 1), (1, 1), ((1, 0), (0, 1)), 1),
     "past-edge": ((2, 2, 5, 4), (4, 3, 2), (3, 2), (1, 1), ((0, 3), (1, 2)), 2),
 }
 TILINGS = {  # tile_rows, n_slabs, chan_block, img_block
@@ -360,7 +363,7 @@ def test_fused_kernels_match_column_matrices(name, dtype, tiling, n_threads, dir
     np.testing.assert_allclose(y0, want_y, **tol)
 
 
-@pytest.mark.parametrize("name", ["3x3-pad1", "s2-d2-asym", "depthwise"])
+@pytest.mark.parametrize("name", ["3x3-pad1", "s2-d2-asym", "depthwise", "1x1-groups"])
 def test_fused_kernels_are_bit_identical_across_threads_and_runs(name):
     """The result depends on the tiling only: not on the thread count or the schedule."""
     x, w, g, b, geo, out_hw, groups = fused_case(name, np.float32, seed=5)

@@ -380,6 +380,14 @@ cdef bint _c_contiguous4(tuple shape, Py_ssize_t* strides, Py_ssize_t item):
             and strides[0] == shape[1] * shape[2] * shape[3] * item)
 
 
+cdef inline bint _pointwise(Py_ssize_t H, Py_ssize_t W, Py_ssize_t kh, Py_ssize_t kw,
+                            Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t pad_top,
+                            Py_ssize_t pad_left, Py_ssize_t oh, Py_ssize_t ow) noexcept nogil:
+    """A 1x1 convolution with stride 1 and no padding: its columns are the input planes."""
+    return (kh == 1 and kw == 1 and sh == 1 and sw == 1 and pad_top == 0 and pad_left == 0
+            and oh == H and ow == W)
+
+
 cdef void _forward_tile(const floating* xp, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
                         const floating* wp, const floating* bp, floating* yp, Py_ssize_t K,
                         Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh, Py_ssize_t sw,
@@ -399,13 +407,17 @@ cdef void _forward_tile(const floating* xp, Py_ssize_t C, Py_ssize_t H, Py_ssize
     cdef floating* d
     cdef const floating* s
     cdef floating bk
+    # 1x1, stride 1, no padding: the columns of an image are its input planes, read in place
+    cdef bint in_place = direct and _pointwise(H, W, kh, kw, sh, sw, pad_top, pad_left, oh, ow)
     for grp in range(groups):
         if times != NULL:
             t0 = fc_wall_time()
-        for row in range(crs):
-            c = grp * Cg + row // khw
-            _unfold_row(xp + c * H * W, C * H * W, W, H, W, ((row // kw) % kh) * dh - pad_top,
-                        (row % kw) * dw - pad_left, sh, sw, oh, ow, g0, g1, buf + row * T)
+        if not in_place:
+            for row in range(crs):
+                c = grp * Cg + row // khw
+                _unfold_row(xp + c * H * W, C * H * W, W, H, W,
+                            ((row // kw) % kh) * dh - pad_top, (row % kw) * dw - pad_left, sh,
+                            sw, oh, ow, g0, g1, buf + row * T)
         if times != NULL:
             t1 = fc_wall_time()
             times[0] += t1 - t0
@@ -416,10 +428,17 @@ cdef void _forward_tile(const floating* xp, Py_ssize_t C, Py_ssize_t H, Py_ssize
             while g < g1:
                 seg = oh - i if oh - i < g1 - g else g1 - g
                 # column-major: out[n, k0:k1, i:i+seg] (seg*ow x Kg, ld plane) =
-                #               buf rows (seg*ow x crs, ld T) @ w[k0:k1].T (crs x Kg)
-                _gemm(c'N', c'N', <int>(seg * ow), <int>Kg, <int>crs, buf + (g - g0) * ow,
-                      <int>T, wp + grp * Kg * crs, <int>crs, 0,
-                      yp + (n * K + grp * Kg) * plane + i * ow, <int>plane)
+                #   columns (seg*ow x crs: buf rows, ld T; or x[n, c0:c1, i:i+seg], ld plane)
+                #   @ w[k0:k1].T (crs x Kg)
+                if in_place:
+                    _gemm(c'N', c'N', <int>(seg * ow), <int>Kg, <int>crs,
+                          xp + (n * C + grp * Cg) * plane + i * ow, <int>plane,
+                          wp + grp * Kg * crs, <int>crs, 0,
+                          yp + (n * K + grp * Kg) * plane + i * ow, <int>plane)
+                else:
+                    _gemm(c'N', c'N', <int>(seg * ow), <int>Kg, <int>crs, buf + (g - g0) * ow,
+                          <int>T, wp + grp * Kg * crs, <int>crs, 0,
+                          yp + (n * K + grp * Kg) * plane + i * ow, <int>plane)
                 if bp != NULL:
                     t2 = fc_wall_time() if times != NULL else 0
                     for k in range(grp * Kg, (grp + 1) * Kg):
@@ -566,6 +585,7 @@ cdef void _weight_tile(const floating* gp, const floating* xp, floating* acc, Py
     cdef Py_ssize_t T = (g1 - g0) * ow, plane = oh * ow, grp, row, c, k, g, n, i, seg
     cdef double t0 = 0, t1 = 0, t2 = 0
     cdef floating b
+    cdef bint in_place = direct and _pointwise(H, W, kh, kw, sh, sw, pad_top, pad_left, oh, ow)
     if not direct:
         if times != NULL:
             t0 = fc_wall_time()
@@ -584,10 +604,12 @@ cdef void _weight_tile(const floating* gp, const floating* xp, floating* acc, Py
     for grp in range(groups):
         if times != NULL:
             t0 = fc_wall_time()
-        for row in range(crs):
-            c = grp * Cg + row // khw
-            _unfold_row(xp + c * H * W, C * H * W, W, H, W, ((row // kw) % kh) * dh - pad_top,
-                        (row % kw) * dw - pad_left, sh, sw, oh, ow, g0, g1, buf + row * T)
+        if not in_place:
+            for row in range(crs):
+                c = grp * Cg + row // khw
+                _unfold_row(xp + c * H * W, C * H * W, W, H, W,
+                            ((row // kw) % kh) * dh - pad_top, (row % kw) * dw - pad_left, sh,
+                            sw, oh, ow, g0, g1, buf + row * T)
         if times != NULL:
             t1 = fc_wall_time()
             times[0] += t1 - t0
@@ -599,10 +621,17 @@ cdef void _weight_tile(const floating* gp, const floating* xp, floating* acc, Py
             while g < g1:
                 seg = oh - i if oh - i < g1 - g else g1 - g
                 # column-major: acc[k0:k1].T (crs x Kg) = b*acc[k0:k1].T
-                #     + buf rows.T (crs x seg*ow) @ grad_out[n, k0:k1, i:i+seg].T (seg*ow x Kg)
-                _gemm(c'T', c'N', <int>crs, <int>Kg, <int>(seg * ow), buf + (g - g0) * ow,
-                      <int>T, gp + (n * K + grp * Kg) * plane + i * ow, <int>plane, b,
-                      acc + grp * Kg * crs, <int>crs)
+                #     + columns.T (crs x seg*ow; buf rows, or x[n, c0:c1, i:i+seg] in place)
+                #     @ grad_out[n, k0:k1, i:i+seg].T (seg*ow x Kg)
+                if in_place:
+                    _gemm(c'T', c'N', <int>crs, <int>Kg, <int>(seg * ow),
+                          xp + (n * C + grp * Cg) * plane + i * ow, <int>plane,
+                          gp + (n * K + grp * Kg) * plane + i * ow, <int>plane, b,
+                          acc + grp * Kg * crs, <int>crs)
+                else:
+                    _gemm(c'T', c'N', <int>crs, <int>Kg, <int>(seg * ow), buf + (g - g0) * ow,
+                          <int>T, gp + (n * K + grp * Kg) * plane + i * ow, <int>plane, b,
+                          acc + grp * Kg * crs, <int>crs)
                 b = 1
                 g += seg
                 n += 1
@@ -745,6 +774,15 @@ cdef void _input_unit(const floating* gp, const floating* wp, floating* dxp, Py_
     cdef double t0 = 0, t1 = 0, t2 = 0
     if times != NULL:
         t0 = fc_wall_time()
+    if _pointwise(H, W, kh, kw, sh, sw, pad_top, pad_left, oh, ow):
+        # no col2im: dx[n, c_lo:c_hi] (plane x nc) = grad_out[n, k0:k1] @ w[k0:k1, c_lo:c_hi]
+        for n in range(n0, n1):
+            _gemm(c'N', c'T', <int>plane, <int>nc, <int>Kg, gp + (n * K + grp * Kg) * plane,
+                  <int>plane, wp + grp * Kg * crs + c_lo, <int>crs, 0,
+                  dxp + (n * C + grp * Cg + c_lo) * plane, <int>plane)
+        if times != NULL:
+            times[1] += fc_wall_time() - t0
+        return
     if n1 - n0 == 1:  # grad_out[n0, k0:k1] is already a (plane x Kg) column-major matrix
         a = gp + (n0 * K + grp * Kg) * plane
         lda = plane

@@ -26,7 +26,9 @@ a column-major ``(Cg*R*S, Kg)`` one (both plain reshapes, no transposed copy), a
 ``out`` / ``grad_out`` an image contributes, ``[n, k0:k1, rows]``, is a column-major
 ``(rows*OW, Kg)`` matrix with leading dimension ``P``: forward writes its product there and
 grad-weight and grad-input read it there directly ("direct", one GEMM per image a tile
-touches). Where tiles span many small images and the weights are large (keras-c2), one GEMM
+touches). A 1x1 convolution with stride 1 and no padding needs no unfold at all: the input
+planes ``x[n, c0:c1, rows]`` are the columns, read in place, and grad-input's GEMM writes the
+planes of ``dx`` directly (no col2im). Where tiles span many small images and the weights are large (keras-c2), one GEMM
 per tile is cheaper than one per image (each call packs the weights), and the tile's product
 (forward) or grad-output (grad-weight) goes through a ``K x T`` staging buffer instead.
 
@@ -189,7 +191,7 @@ def plan(spec, n_threads=None):
     # GEMMs straight into out / from grad_out, one per image a tile touches, when that is at
     # most two calls or the weights are small (each call repacks them); else one GEMM per tile
     # through a K x T staging buffer
-    direct = tile <= oh + 1 or crs * (k // spec.groups) <= DIRECT_MAX_WEIGHTS
+    direct = tile <= oh + 1 or crs * (k // spec.groups) <= DIRECT_MAX_WEIGHTS or _pointwise(spec)
 
     # grad-input: channels of a group x images per unit
     per = r * s * plane * e  # one channel of one image
@@ -204,6 +206,13 @@ def plan(spec, n_threads=None):
             break
     return dict(tile_rows=int(tile), n_slabs=int(slabs), direct=bool(direct),
                 chan_block=int(cb), img_block=int(ib), n_threads=t)
+
+
+def _pointwise(spec):
+    """1x1, stride 1, no padding: the kernels read the input planes as the columns in place
+    (needs the direct GEMMs, one per image a tile touches)."""
+    return (spec.w_shape[2:] == (1, 1) and spec.stride == (1, 1)
+            and spec.padding == ((0, 0), (0, 0)))
 
 
 def _geometry(spec):
