@@ -388,6 +388,21 @@ cdef inline bint _pointwise(Py_ssize_t H, Py_ssize_t W, Py_ssize_t kh, Py_ssize_
             and oh == H and ow == W)
 
 
+cdef inline void _unfold_group(const floating* xp, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
+                               Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh, Py_ssize_t sw,
+                               Py_ssize_t pad_top, Py_ssize_t pad_left, Py_ssize_t dh,
+                               Py_ssize_t dw, Py_ssize_t oh, Py_ssize_t ow, Py_ssize_t c0,
+                               Py_ssize_t crs, Py_ssize_t g0, Py_ssize_t g1,
+                               floating* buf) noexcept nogil:
+    """The columns of output rows [g0, g1) for the ``crs`` rows of a group (channels from c0):
+    ``buf`` is a column-major ``(T x crs)`` tile, ``T = (g1 - g0)*ow``."""
+    cdef Py_ssize_t khw = kh * kw, T = (g1 - g0) * ow, row, c
+    for row in range(crs):
+        c = c0 + row // khw
+        _unfold_row(xp + c * H * W, C * H * W, W, H, W, ((row // kw) % kh) * dh - pad_top,
+                    (row % kw) * dw - pad_left, sh, sw, oh, ow, g0, g1, buf + row * T)
+
+
 cdef void _forward_tile(const floating* xp, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
                         const floating* wp, const floating* bp, floating* yp, Py_ssize_t K,
                         Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh, Py_ssize_t sw,
@@ -402,10 +417,11 @@ cdef void _forward_tile(const floating* xp, Py_ssize_t C, Py_ssize_t H, Py_ssize
     (``K x T``), then copied to ``out`` with the bias.
     """
     cdef Py_ssize_t khw = kh * kw, Cg = C // groups, Kg = K // groups, crs = Cg * khw
-    cdef Py_ssize_t T = (g1 - g0) * ow, plane = oh * ow, grp, row, c, k, g, n, i, j, seg
+    cdef Py_ssize_t T = (g1 - g0) * ow, plane = oh * ow, grp, k, g, n, i, j, seg
     cdef double t0 = 0, t1 = 0, t2 = 0, t_store = 0
     cdef floating* d
     cdef const floating* s
+    cdef const floating* cols
     cdef floating bk
     # 1x1, stride 1, no padding: the columns of an image are its input planes, read in place
     cdef bint in_place = direct and _pointwise(H, W, kh, kw, sh, sw, pad_top, pad_left, oh, ow)
@@ -413,11 +429,8 @@ cdef void _forward_tile(const floating* xp, Py_ssize_t C, Py_ssize_t H, Py_ssize
         if times != NULL:
             t0 = fc_wall_time()
         if not in_place:
-            for row in range(crs):
-                c = grp * Cg + row // khw
-                _unfold_row(xp + c * H * W, C * H * W, W, H, W,
-                            ((row // kw) % kh) * dh - pad_top, (row % kw) * dw - pad_left, sh,
-                            sw, oh, ow, g0, g1, buf + row * T)
+            _unfold_group(xp, C, H, W, kh, kw, sh, sw, pad_top, pad_left, dh, dw, oh, ow,
+                          grp * Cg, crs, g0, g1, buf)
         if times != NULL:
             t1 = fc_wall_time()
             times[0] += t1 - t0
@@ -431,14 +444,12 @@ cdef void _forward_tile(const floating* xp, Py_ssize_t C, Py_ssize_t H, Py_ssize
                 #   columns (seg*ow x crs: buf rows, ld T; or x[n, c0:c1, i:i+seg], ld plane)
                 #   @ w[k0:k1].T (crs x Kg)
                 if in_place:
-                    _gemm(c'N', c'N', <int>(seg * ow), <int>Kg, <int>crs,
-                          xp + (n * C + grp * Cg) * plane + i * ow, <int>plane,
-                          wp + grp * Kg * crs, <int>crs, 0,
-                          yp + (n * K + grp * Kg) * plane + i * ow, <int>plane)
+                    cols = xp + (n * C + grp * Cg) * plane + i * ow
                 else:
-                    _gemm(c'N', c'N', <int>(seg * ow), <int>Kg, <int>crs, buf + (g - g0) * ow,
-                          <int>T, wp + grp * Kg * crs, <int>crs, 0,
-                          yp + (n * K + grp * Kg) * plane + i * ow, <int>plane)
+                    cols = buf + (g - g0) * ow
+                _gemm(c'N', c'N', <int>(seg * ow), <int>Kg, <int>crs, cols,
+                      <int>(plane if in_place else T), wp + grp * Kg * crs, <int>crs, 0,
+                      yp + (n * K + grp * Kg) * plane + i * ow, <int>plane)
                 if bp != NULL:
                     t2 = fc_wall_time() if times != NULL else 0
                     for k in range(grp * Kg, (grp + 1) * Kg):
@@ -582,9 +593,10 @@ cdef void _weight_tile(const floating* gp, const floating* xp, floating* acc, Py
     (``ldb = oh*ow``); else grad_out's tile is first gathered into ``gbuf`` (``K x T``).
     """
     cdef Py_ssize_t khw = kh * kw, Cg = C // groups, Kg = K // groups, crs = Cg * khw
-    cdef Py_ssize_t T = (g1 - g0) * ow, plane = oh * ow, grp, row, c, k, g, n, i, seg
+    cdef Py_ssize_t T = (g1 - g0) * ow, plane = oh * ow, grp, k, g, n, i, seg
     cdef double t0 = 0, t1 = 0, t2 = 0
     cdef floating b
+    cdef const floating* cols
     cdef bint in_place = direct and _pointwise(H, W, kh, kw, sh, sw, pad_top, pad_left, oh, ow)
     if not direct:
         if times != NULL:
@@ -605,11 +617,8 @@ cdef void _weight_tile(const floating* gp, const floating* xp, floating* acc, Py
         if times != NULL:
             t0 = fc_wall_time()
         if not in_place:
-            for row in range(crs):
-                c = grp * Cg + row // khw
-                _unfold_row(xp + c * H * W, C * H * W, W, H, W,
-                            ((row // kw) % kh) * dh - pad_top, (row % kw) * dw - pad_left, sh,
-                            sw, oh, ow, g0, g1, buf + row * T)
+            _unfold_group(xp, C, H, W, kh, kw, sh, sw, pad_top, pad_left, dh, dw, oh, ow,
+                          grp * Cg, crs, g0, g1, buf)
         if times != NULL:
             t1 = fc_wall_time()
             times[0] += t1 - t0
@@ -624,14 +633,12 @@ cdef void _weight_tile(const floating* gp, const floating* xp, floating* acc, Py
                 #     + columns.T (crs x seg*ow; buf rows, or x[n, c0:c1, i:i+seg] in place)
                 #     @ grad_out[n, k0:k1, i:i+seg].T (seg*ow x Kg)
                 if in_place:
-                    _gemm(c'T', c'N', <int>crs, <int>Kg, <int>(seg * ow),
-                          xp + (n * C + grp * Cg) * plane + i * ow, <int>plane,
-                          gp + (n * K + grp * Kg) * plane + i * ow, <int>plane, b,
-                          acc + grp * Kg * crs, <int>crs)
+                    cols = xp + (n * C + grp * Cg) * plane + i * ow
                 else:
-                    _gemm(c'T', c'N', <int>crs, <int>Kg, <int>(seg * ow), buf + (g - g0) * ow,
-                          <int>T, gp + (n * K + grp * Kg) * plane + i * ow, <int>plane, b,
-                          acc + grp * Kg * crs, <int>crs)
+                    cols = buf + (g - g0) * ow
+                _gemm(c'T', c'N', <int>crs, <int>Kg, <int>(seg * ow), cols,
+                      <int>(plane if in_place else T), gp + (n * K + grp * Kg) * plane + i * ow,
+                      <int>plane, b, acc + grp * Kg * crs, <int>crs)
                 b = 1
                 g += seg
                 n += 1
