@@ -140,7 +140,6 @@ class _Table:
         self.entries: list[dict] | None = None
         self.source = ""
         self.feats: list[tuple] = []
-        self.memo: dict = {}
         self.generation = 0  # bumped whenever a remembered choice may have gone stale
 
 
@@ -183,7 +182,6 @@ def _set(entries, source):
     _table.entries = [e for e in entries if isinstance(e, dict) and e.get("times")]
     _table.source = source
     _table.feats = [_entry_features(e) for e in _table.entries]
-    _table.memo = {}
     _table.generation += 1
 
 
@@ -222,11 +220,8 @@ def predict(op, spec, names, threads=None):
 
 
 def _policy(op, spec, by_name):
-    key = (op, spec, tuple(by_name.values()), _threads())  # the implementations themselves
-    hit = _table.memo.get(key)
-    if hit is not None and hit in by_name:
-        return hit
-    ranking = predict(op, spec, by_name, key[-1])
+    """The measured choice (the registry remembers it per problem, under `state`)."""
+    ranking = predict(op, spec, by_name)
     if ranking:
         winner = by_name[ranking[0][0]]
         measured = {m for m, _ in ranking}
@@ -235,9 +230,6 @@ def _policy(op, spec, by_name):
         choice = max(better, key=lambda i: i.priority) if better else winner
     else:
         choice = max(by_name.values(), key=lambda i: i.priority)
-    if len(_table.memo) > 4096:
-        _table.memo.clear()
-    _table.memo[key] = choice.method
     return choice.method
 
 
@@ -340,11 +332,11 @@ def autotune(enabled=True, *, cache=False):
 
 
 def clear():
-    """Forget tuned choices kept in memory and the policy's memo (the files stay)."""
+    """Forget tuned choices kept in memory and the choices the registry remembers (the files
+    stay)."""
     with _lock:
         _tuning.memo.clear()
         _tuning.file_loaded_from = None
-        _table.memo = {}
         _table.generation += 1
 
 

@@ -27,6 +27,7 @@ How the numbers are taken:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -319,15 +320,30 @@ def max_error(problem, outputs, reference):
 # timing
 
 
+@contextlib.contextmanager
+def _gc_paused():
+    """No garbage collection pauses inside timed loops."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _repeats(budget, estimate, min_repeat, max_repeat):
+    """Calls that fill ``budget`` seconds at ``estimate`` seconds each, within the bounds."""
+    return int(min(max(math.ceil(budget / max(estimate, 1e-9)), min_repeat), max_repeat))
+
+
 def measure(call, *, repeat=None, budget=1.0, min_repeat=3, max_repeat=100, slow=SLOW_CALL):
     """Time ``call()``: (median seconds, all samples, the first call's result).
 
     The first call compiles and warms up and is never counted. Unless ``repeat`` is given, a
     second call estimates the duration: over ``slow`` seconds it is the only sample,
     otherwise ``ceil(budget / estimate)`` calls (within [min_repeat, max_repeat]) follow."""
-    gc_was = gc.isenabled()
-    gc.disable()
-    try:
+    with _gc_paused():
         result = call()
         samples = []
         if repeat is None:
@@ -337,15 +353,11 @@ def measure(call, *, repeat=None, budget=1.0, min_repeat=3, max_repeat=100, slow
             if est > slow:
                 samples, repeat = [est], 0
             else:
-                repeat = int(min(max(math.ceil(budget / max(est, 1e-9)), min_repeat),
-                                 max_repeat))
+                repeat = _repeats(budget, est, min_repeat, max_repeat)
         for _ in range(repeat):
             t0 = time.perf_counter()
             call()
             samples.append(time.perf_counter() - t0)
-    finally:
-        if gc_was:
-            gc.enable()
     return float(np.median(samples)), samples, result
 
 
@@ -668,21 +680,17 @@ def measure_together(calls, *, rounds=None, budget=1.0, estimates=None, min_repe
     n = len(calls)
     if rounds is None:
         per_round = sum(estimates) if estimates else 0.0
-        rounds = 1 if per_round > slow * n else int(
-            min(max(math.ceil(budget * n / max(per_round, 1e-9)), min_repeat), max_repeat))
+        # a round per call's worth of budget: budget*n seconds at per_round seconds a round
+        rounds = 1 if per_round > slow * n else _repeats(budget * n, per_round, min_repeat,
+                                                           max_repeat)
     samples = [[] for _ in calls]
-    gc_was = gc.isenabled()
-    gc.disable()
-    try:
+    with _gc_paused():
         for k in range(rounds):
             for j in range(n):
                 i = (j + k) % n
                 t0 = time.perf_counter()
                 calls[i]()
                 samples[i].append(time.perf_counter() - t0)
-    finally:
-        if gc_was:
-            gc.enable()
     return [float(np.median(s)) for s in samples], samples
 
 

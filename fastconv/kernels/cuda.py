@@ -128,13 +128,18 @@ class _Io:
         return _empty(shape, self.dtype if dtype is None else dtype)
 
 
+def _c_strides(shape, itemsize):
+    """The strides of a fresh C-contiguous array."""
+    strides, step = [], itemsize
+    for dim in reversed(tuple(shape)):
+        strides.append(step)
+        step *= dim
+    return tuple(reversed(strides))
+
+
 def _canonical(a):
     """C-contiguous with the strides of a fresh array (what device-array reshapes need)."""
-    step, want = np.dtype(a.dtype).itemsize, []
-    for dim in reversed(tuple(a.shape)):
-        want.append(step)
-        step *= dim
-    return tuple(a.strides) == tuple(reversed(want))
+    return tuple(a.strides) == _c_strides(a.shape, np.dtype(a.dtype).itemsize)
 
 
 def _contiguous_copy(d):
@@ -232,11 +237,7 @@ def _empty(shape, dtype):
     # the array's own size, not the block's: Numba copies that many bytes to and from it
     mem = AutoFreePointer(ctx, pointer, nbytes, finalizer=release)
     _live[token] = mem  # as Numba's context keeps its allocations: refcounts decide the end
-    strides, step = [], dtype.itemsize
-    for dim in reversed(shape):
-        strides.append(step)
-        step *= dim
-    return DeviceNDArray(shape, tuple(reversed(strides)), dtype, gpu_data=mem.own())
+    return DeviceNDArray(shape, _c_strides(shape, dtype.itemsize), dtype, gpu_data=mem.own())
 
 
 def empty_cache():
