@@ -2,7 +2,9 @@
 
 Every ``fastconv/kernels/_<name>.pyx`` becomes the extension ``fastconv.kernels._<name>``.
 OpenMP is used where the compiler has it: ``FASTCONV_OPENMP=auto`` (default) probes for it,
-``1`` forces it on, ``0`` builds serial kernels.
+``1`` forces it on, ``0`` builds serial kernels. The compiled modules are also copied into
+the source tree (``FASTCONV_INPLACE=0`` skips that), so that a checkout imported as the package,
+as ``python -m fastconv`` run there does, is the full package.
 """
 
 import glob
@@ -57,6 +59,18 @@ class BuildExt(build_ext):
         os.makedirs(self.build_temp, exist_ok=True)
         with open(stamp, "w") as f:
             f.write(flags)
+
+    def run(self):
+        super().run()
+        # `python -m fastconv ...` run in the checkout imports this source tree, not the
+        # installed copy (the current directory comes first on sys.path): give the tree the
+        # same compiled modules, as an in-place build would. FASTCONV_INPLACE=0 skips it.
+        if self.inplace or os.environ.get("FASTCONV_INPLACE", "1").strip() == "0":
+            return
+        try:
+            self.copy_extensions_to_source()
+        except OSError as e:  # a read-only checkout: the installed copy still works
+            print(f"fastconv: compiled modules not copied into the source tree ({e})")
 
     def _has_openmp(self, compile_args, link_args):
         """Compile and link a program calling omp_get_max_threads() with the flags."""

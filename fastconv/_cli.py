@@ -189,7 +189,7 @@ def collect_info(run_kernels=True) -> dict:
 
     import fastconv as fc
 
-    from . import _autotune
+    from . import _autotune, _registry
 
     versions = {"fastconv": fc.__version__, "python": platform.python_version()}
     for dist in ("numpy", "numba", "numba-cuda", "scipy", "threadpoolctl", "torch",
@@ -211,10 +211,14 @@ def collect_info(run_kernels=True) -> dict:
         if os.environ.get(var):
             threads[f"${var}"] = os.environ[var]
     blas_short, blas_lines = _blas_info()  # after the kernels ran: their OpenMP pools show too
+    from .kernels import numba_cache_location
+
     return {
+        "missing": [f"method {m!r} cannot run here: {why}" for m, why in _registry.missing()],
         "machine": f"{_cpu_name()}, {affinity} CPUs, {platform.system()} {platform.release()}",
         "versions": versions,
         "compiled": compiled,
+        "numba cache": numba_cache_location(),
         "threads": threads,
         "blas": blas_short,
         "thread pools": blas_lines,
@@ -231,6 +235,8 @@ def _print_info(info):
     def kv(k, v, width=28):
         print(f"{k + ':':<{width}} {v}")
 
+    for line in info["missing"]:
+        print(f"WARNING: {line}")
     section("Machine")
     kv("CPU", info["machine"])
     section("Versions")
@@ -239,6 +245,7 @@ def _print_info(info):
     section("Compiled core (Cython)")
     for k, v in info["compiled"].items():
         kv(f"fastconv.kernels.{k}", v)
+    kv("Numba kernel cache", info["numba cache"])
     section("Threads")
     for k, v in info["threads"].items():
         kv(k, v)

@@ -36,12 +36,15 @@ class Impl(NamedTuple):
     target: str  # "package.module:function"
     device: str  # "cpu" or "cuda"
     unavailable: Callable[[], str | None]  # None when usable here, else the reason
-    supports: Callable[[object], bool]  # spec -> whether this implementation handles it
+    unsupported: Callable[[object], str | None]  # spec -> None when handled, else the reason
     priority: int
 
     @property
     def fn(self):
         return _load(self.target)
+
+    def supports(self, spec) -> bool:
+        return self.unsupported(spec) is None
 
 
 @functools.cache
@@ -55,14 +58,27 @@ _generation = 0  # bumped by register(): auto's remembered choices are made agai
 
 
 def register(op, method, target, *, device="cpu", unavailable=lambda: None,
-             supports=lambda spec: True, priority=0):
-    """Add an implementation of ``op`` under the name ``method``."""
+             unsupported=lambda spec: None, priority=0):
+    """Add an implementation of ``op`` under the name ``method``.
+
+    ``unavailable()`` says why the method cannot run on this machine (None when it can);
+    ``unsupported(spec)`` why it cannot run this problem (None when it can): every limit an
+    implementation has belongs there, so that "auto" never picks a method that then refuses.
+    Either may name a ``"module:function"`` target, imported when first called.
+    """
     global _generation
     assert op in OPS, op
     _generation += 1
     _REGISTRY[op, method] = Impl(
-        op, method, target, device, functools.cache(unavailable), supports, priority
+        op, method, target, device, functools.cache(_lazy(unavailable)), _lazy(unsupported),
+        priority,
     )
+
+
+def _lazy(fn):
+    if not isinstance(fn, str):
+        return fn
+    return lambda *args: _load(fn)(*args)
 
 
 def known(op=None):
@@ -71,13 +87,23 @@ def known(op=None):
 
 
 def methods(op=None):
-    """The method names usable on this machine (for ``op``, or for any op)."""
-    return tuple(
-        dict.fromkeys(
-            m for (o, m), impl in _REGISTRY.items()
-            if (op is None or o == op) and impl.unavailable() is None
-        )
-    )
+    """The method names usable on this machine: for ``op``, or, without it, those whose every
+    registered op is usable."""
+    if op is not None:
+        return tuple(m for (o, m), impl in _REGISTRY.items()
+                     if o == op and impl.unavailable() is None)
+    broken = {m for (_, m), impl in _REGISTRY.items() if impl.unavailable() is not None}
+    return tuple(m for m in known() if m not in broken)
+
+
+def missing(device="cpu"):
+    """(method, reason) for each method of ``device`` that cannot run some op here."""
+    out = {}
+    for (_, m), impl in _REGISTRY.items():
+        reason = impl.unavailable() if impl.device == device else None
+        if reason is not None:
+            out.setdefault(m, reason)
+    return list(out.items())
 
 
 def candidates(op, spec):
@@ -113,15 +139,20 @@ def _auto(op, spec):
     return impl
 
 
-def resolve(op, method, spec) -> Impl:
-    """The implementation to run ``op`` with ``method`` on ``spec``."""
+def check_method(op, method) -> None:
+    """Raise unless ``method`` names "auto" or a registered method of ``op``."""
     if not isinstance(method, str):
         raise TypeError(f"method must be a string, got {method!r}")
+    if method != "auto" and (op, method) not in _REGISTRY:
+        raise ValueError(f"method={method!r} is not one of {('auto', *known(op))}")
+
+
+def resolve(op, method, spec) -> Impl:
+    """The implementation to run ``op`` with ``method`` on ``spec``."""
+    check_method(op, method)
     if method == "auto":
         return _auto(op, spec)
-    impl = _REGISTRY.get((op, method))
-    if impl is None:
-        raise ValueError(f"method={method!r} is not one of {('auto', *known(op))}")
+    impl = _REGISTRY[op, method]
     reason = impl.unavailable()
     if reason is not None:
         raise BackendUnavailableError(
@@ -133,8 +164,9 @@ def resolve(op, method, spec) -> Impl:
             f"{tuple(m for (o, m), i in _REGISTRY.items() if o == op and i.device == 'cuda')} "
             "or copy the arrays to the host"
         )
-    if not impl.supports(spec):
-        raise ValueError(f"method={method!r} does not support this problem: {spec}")
+    reason = impl.unsupported(spec)
+    if reason is not None:
+        raise ValueError(f"method={method!r} cannot run this problem: {reason}")
     return impl
 
 
@@ -145,9 +177,19 @@ def resolve(op, method, spec) -> Impl:
 def _cython_missing():
     try:
         importlib.import_module("fastconv.kernels._im2col")
+        importlib.import_module("fastconv.kernels._pool")
     except ImportError as e:
-        return f"the compiled Cython core was not built ({e}); reinstall with `pip install .`"
+        where = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        return (f"the fastconv imported from {where} has no compiled Cython core ({e}); build "
+                f"it with `pip install .` run in the checkout (or `pip install -e .`)")
     return None
+
+
+def _blas_missing():
+    reason = _cython_missing()
+    if reason is None:
+        reason = importlib.import_module("fastconv.kernels._im2col").BLAS_UNAVAILABLE
+    return reason
 
 
 def cuda_missing():
@@ -176,14 +218,18 @@ register("conv2d", "naive", f"{_NAIVE}:conv2d_forward")
 register("conv2d_backward", "naive", f"{_NAIVE}:conv2d_backward")
 register("max_pool2d", "naive", f"{_NAIVE}:max_pool2d_forward")
 register("max_pool2d_backward", "naive", f"{_NAIVE}:max_pool2d_backward")
-_IM2COL = dict(unavailable=_cython_missing, priority=5)
-register("conv2d", "im2col", "fastconv.kernels.im2col:conv2d_forward", **_IM2COL)
-register("conv2d_backward", "im2col", "fastconv.kernels.im2col:conv2d_backward", **_IM2COL)
-register("max_pool2d", "im2col", "fastconv.kernels.im2col:max_pool2d_forward", **_IM2COL)
-register("max_pool2d_backward", "im2col", "fastconv.kernels.im2col:max_pool2d_backward", **_IM2COL)
+_IM2COL = "fastconv.kernels.im2col"
+_GEMM = dict(unavailable=_blas_missing, unsupported=f"{_IM2COL}:unsupported", priority=5)
+register("conv2d", "im2col", f"{_IM2COL}:conv2d_forward", **_GEMM)
+register("conv2d_backward", "im2col", f"{_IM2COL}:conv2d_backward", **_GEMM)
+register("max_pool2d", "im2col", f"{_IM2COL}:max_pool2d_forward", unavailable=_cython_missing,
+         priority=5)
+register("max_pool2d_backward", "im2col", f"{_IM2COL}:max_pool2d_backward",
+         unavailable=_cython_missing, priority=5)
 _DIRECT = "fastconv.kernels.direct"
-register("conv2d", "direct", f"{_DIRECT}:conv2d_forward", priority=10)
-register("conv2d_backward", "direct", f"{_DIRECT}:conv2d_backward", priority=10)
+_LOOPS = dict(unsupported=f"{_DIRECT}:unsupported", priority=10)
+register("conv2d", "direct", f"{_DIRECT}:conv2d_forward", **_LOOPS)
+register("conv2d_backward", "direct", f"{_DIRECT}:conv2d_backward", **_LOOPS)
 register("max_pool2d", "direct", f"{_DIRECT}:max_pool2d_forward", priority=10)
 register("max_pool2d_backward", "direct", f"{_DIRECT}:max_pool2d_backward", priority=10)
 _CUDA = "fastconv.kernels.cuda"

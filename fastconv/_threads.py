@@ -20,6 +20,8 @@ def set_num_threads(n):
     import threadpoolctl
 
     try:
+        if isinstance(n, bool) or type(n).__name__ == "bool_":
+            raise TypeError
         n = operator.index(n)
     except TypeError as e:
         raise TypeError(f"n must be an int, got {n!r}") from e

@@ -8,6 +8,7 @@ trust what they receive, so nothing unchecked may get past this module.
 
 from __future__ import annotations
 
+import functools
 import operator
 from typing import NamedTuple
 
@@ -25,6 +26,10 @@ __all__ = [
 ]
 
 PADDING_MODES = ("valid", "same", "full")
+
+#: Every integer option (stride, padding, dilation, kernel size, groups) must lie below this:
+#: the compiled kernels take them as C ints, and nothing sensible needs more.
+OPTION_LIMIT = 2**31
 
 
 class ConvSpec(NamedTuple):
@@ -88,10 +93,13 @@ def pair(value, name: str, minimum: int) -> tuple[int, int]:
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from e
     if min(a, b) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    if max(a, b) >= OPTION_LIMIT:
+        raise ValueError(f"{name}={value!r} is too large: each value must be < 2**31")
     return a, b
 
 
-def _positive_int(value, name: str) -> int:
+def positive_int(value, name: str) -> int:
+    """An int >= 1 (not a bool), below `OPTION_LIMIT`."""
     if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be an int, got {value!r}")
     try:
@@ -100,7 +108,16 @@ def _positive_int(value, name: str) -> int:
         raise TypeError(f"{name} must be an int, got {value!r}") from e
     if v < 1:
         raise ValueError(f"{name} must be >= 1, got {value!r}")
+    if v >= OPTION_LIMIT:
+        raise ValueError(f"{name}={value!r} is too large: it must be < 2**31")
     return v
+
+
+def flag(value, name: str) -> bool:
+    """A bool (or ``numpy.bool_``): no truthy strings or numbers."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return bool(value)
 
 
 def _resolve_padding(padding, k_eff, size, stride):
@@ -128,8 +145,8 @@ def _resolve_padding(padding, k_eff, size, stride):
     if nested:
         try:
             return tuple(pair(p, "padding", 0) for p in padding)
-        except (TypeError, ValueError) as e:
-            raise type(e)(
+        except TypeError as e:
+            raise TypeError(
                 f"padding must be an int, a pair, ((top, bottom), (left, right)) or one of "
                 f"{PADDING_MODES}, got {padding!r}"
             ) from e
@@ -141,6 +158,26 @@ def _resolve_padding(padding, k_eff, size, stride):
             f"{PADDING_MODES}, got {padding!r}"
         ) from e
     return ((ph, ph), (pw, pw))
+
+
+def conv_options(stride, padding, dilation, groups) -> None:
+    """Check the forms of conv options before any array is seen (layer constructors)."""
+    pair(stride, "stride", 1)
+    pair(dilation, "dilation", 1)
+    positive_int(groups, "groups")
+    _resolve_padding(padding, (1, 1), (1, 1), (1, 1))
+
+
+def pool_options(kernel_size, stride, padding, dilation, ceil_mode) -> None:
+    """Check the forms of pool options before any array is seen (layer constructors)."""
+    kernel = pair(kernel_size, "kernel_size", 1)
+    if stride is not None:
+        pair(stride, "stride", 1)
+    padding = pair(padding, "padding", 0)
+    pair(dilation, "dilation", 1)
+    flag(ceil_mode, "ceil_mode")
+    if padding[0] > kernel[0] // 2 or padding[1] > kernel[1] // 2:
+        raise ValueError(f"padding={padding} must be at most half of kernel_size={kernel}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,6 +261,22 @@ def _placement(named):
     return any(where.values())
 
 
+def _check_batch_shape(shape, label):
+    """An empty batch (N = 0) is allowed; an empty channel or plane dimension is not."""
+    if min(shape[1:]) < 1 or shape[0] < 0:
+        raise ValueError(f"{label} has an empty dimension (only the batch, N, may be 0)")
+
+
+def _check_output_size(shape, dtype, cause):
+    """A result NumPy could not even describe (more than the address space) is an argument
+    error: name the options that made it."""
+    count = 1
+    for d in shape:
+        count *= d
+    if count * np.dtype(dtype).itemsize > np.iinfo(np.intp).max:
+        raise ValueError(f"{cause} give an output of shape {tuple(shape)}, too large to exist")
+
+
 # ---------------------------------------------------------------------------------------------
 # conv2d
 
@@ -233,11 +286,10 @@ def _conv_spec(x_shape, w_shape, has_bias, b_shape, stride, padding, dilation, g
     k, cg, r, s = w_shape
     stride = pair(stride, "stride", 1)
     dilation = pair(dilation, "dilation", 1)
-    groups = _positive_int(groups, "groups")
+    groups = positive_int(groups, "groups")
     if min(w_shape) < 1:
         raise ValueError(f"weight of shape {w_shape} has an empty dimension")
-    if min(x_shape) < 1:
-        raise ValueError(f"x of shape {x_shape} has an empty dimension")
+    _check_batch_shape(x_shape, f"x of shape {x_shape}")
     if k % groups:
         raise ValueError(
             f"groups={groups} must divide the output channels, got weight of shape {w_shape}"
@@ -260,6 +312,7 @@ def _conv_spec(x_shape, w_shape, has_bias, b_shape, stride, padding, dilation, g
             f"kernel of shape {w_shape[2:]} with dilation={dilation} spans {k_eff}, larger than "
             f"x of shape {x_shape} with padding={pad}: the output would be empty"
         )
+    _check_output_size((n, k, *out_hw), dtype, f"padding={padding!r} and stride={stride}")
     return ConvSpec(
         x_shape, w_shape, stride, dilation, pad, groups, out_hw, str(dtype), has_bias, dev
     )
@@ -302,15 +355,15 @@ def conv2d_backward(grad_output, x, w, stride, padding, dilation, groups):
 # max-pool
 
 
-def _pool_spec(x_shape, kernel_size, stride, padding, dilation, ceil_mode, dtype, dev):
+def _pool_spec(x_shape, kernel_size, stride, padding, dilation, ceil_mode, dtype, dev,
+               label=None):
     kernel = pair(kernel_size, "kernel_size", 1)
     stride = kernel if stride is None else pair(stride, "stride", 1)
     padding = pair(padding, "padding", 0)
     dilation = pair(dilation, "dilation", 1)
-    if not isinstance(ceil_mode, (bool, np.bool_)):
-        raise TypeError(f"ceil_mode must be a bool, got {ceil_mode!r}")
-    if min(x_shape) < 1:
-        raise ValueError(f"x of shape {x_shape} has an empty dimension")
+    ceil_mode = flag(ceil_mode, "ceil_mode")
+    label = label or f"x of shape {x_shape}"
+    _check_batch_shape(x_shape, label)
     if padding[0] > kernel[0] // 2 or padding[1] > kernel[1] // 2:
         raise ValueError(f"padding={padding} must be at most half of kernel_size={kernel}")
     out = []
@@ -322,11 +375,11 @@ def _pool_spec(x_shape, kernel_size, stride, padding, dilation, ceil_mode, dtype
         out.append(o)
     if min(out) < 1:
         raise ValueError(
-            f"kernel_size={kernel} with dilation={dilation} does not fit x of shape {x_shape} "
+            f"kernel_size={kernel} with dilation={dilation} does not fit {label} "
             f"with padding={padding}: the output would be empty"
         )
     return PoolSpec(
-        x_shape, kernel, stride, padding, dilation, bool(ceil_mode), tuple(out), str(dtype), dev
+        x_shape, kernel, stride, padding, dilation, ceil_mode, tuple(out), str(dtype), dev
     )
 
 
@@ -342,7 +395,13 @@ def max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode):
 
 def max_pool2d_backward(grad_output, indices, input_shape, kernel_size, stride, padding,
                         dilation, ceil_mode):
-    """Validate max_pool2d_backward arguments; return (grad_output, indices, spec)."""
+    """Validate max_pool2d_backward arguments; return (grad_output, indices, spec).
+
+    Host indices come back as int64 inside ``[0, H*W)``. A window lying wholly in the padding
+    has no input pixel; whatever index it carries (forward gives one outside the plane, as
+    PyTorch) is accepted, and the returned copies route nothing from it: its index becomes 0
+    and its gradient 0.
+    """
     dev = _placement({"grad_output": grad_output, "indices": indices})
     g, gs, gd = _as_array(grad_output, "grad_output", 4)
     if dev:
@@ -352,6 +411,8 @@ def max_pool2d_backward(grad_output, indices, input_shape, kernel_size, stride, 
         ishape, idt = indices.shape, indices.dtype
     if idt.kind not in "iu":
         raise TypeError(f"indices must be an integer array, got dtype {idt}")
+    if isinstance(input_shape, (str, bytes)) or np.ndim(input_shape) != 1:
+        raise TypeError(f"input_shape must be a tuple of 4 ints, got {input_shape!r}")
     try:
         xs = tuple(operator.index(d) for d in input_shape)
     except TypeError as e:
@@ -359,7 +420,8 @@ def max_pool2d_backward(grad_output, indices, input_shape, kernel_size, stride, 
     if len(xs) != 4:
         raise ValueError(f"input_shape must have 4 entries (N, C, H, W), got {input_shape!r}")
     dtype = _compute_dtype(gd)
-    spec = _pool_spec(xs, kernel_size, stride, padding, dilation, ceil_mode, dtype, dev)
+    spec = _pool_spec(xs, kernel_size, stride, padding, dilation, ceil_mode, dtype, dev,
+                      label=f"input_shape={xs}")
     if gs != spec.out_shape:
         raise ValueError(
             f"grad_output must have the forward output's shape {spec.out_shape} for "
@@ -369,14 +431,41 @@ def max_pool2d_backward(grad_output, indices, input_shape, kernel_size, stride, 
         raise ValueError(
             f"indices must have grad_output's shape {gs}, got indices of shape {tuple(ishape)}"
         )
-    if not dev:
-        plane = xs[2] * xs[3]
-        indices = np.ascontiguousarray(indices, dtype=np.int64)
-        # one pass instead of min() and max(): negative values are huge seen as unsigned
-        if indices.size and indices.view(np.uint64).max() >= plane:
-            raise ValueError(
-                f"indices must lie in [0, {plane}) (flat positions in the {xs[2]}x{xs[3]} "
-                f"input plane), got values in [{indices.min()}, {indices.max()}]"
-            )
     (g,) = _prepare((g,), dtype, dev)
+    if not dev:
+        g, indices = _routable(g, indices, spec)
     return g, indices, spec
+
+
+def _routable(g, indices, spec):
+    """Host gradients and int64 indices that a kernel can scatter without a bounds check."""
+    rows, cols = empty_windows(spec)
+    if rows or cols:  # rare: copies, never the caller's arrays
+        g, indices = g.copy(), np.array(indices)
+        for a in (g, indices):
+            a[:, :, rows, :] = 0
+            a[:, :, :, cols] = 0
+    plane = spec.x_shape[2] * spec.x_shape[3]
+    # one pass instead of min() and max(): negative values are huge seen as unsigned
+    flat = indices.reshape(-1)
+    if flat.size and (flat if indices.dtype.kind == "u" else flat.view(
+            np.dtype(f"u{indices.dtype.itemsize}"))).max() >= plane:
+        lo, hi = int(flat.min()), int(flat.max())
+        raise ValueError(
+            f"indices must lie in [0, {plane}) (flat positions in the {spec.x_shape[2]}x"
+            f"{spec.x_shape[3]} input plane) outside windows lying wholly in the padding, got "
+            f"values in [{lo}, {hi}]"
+        )
+    return g, np.ascontiguousarray(indices, dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=256)
+def empty_windows(spec) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The output rows and columns of a pool whose windows hold no input pixel (every tap in
+    the padding): possible with dilation or ``ceil_mode``."""
+    out = []
+    for o, size, k, s, p, d in zip(spec.out_hw, spec.x_shape[2:], spec.kernel, spec.stride,
+                                   spec.padding, spec.dilation):
+        out.append(tuple(i for i in range(o)
+                         if not any(0 <= i * s - p + t * d < size for t in range(k))))
+    return tuple(out)

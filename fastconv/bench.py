@@ -1166,6 +1166,10 @@ def main(args) -> int:
         if unknown:
             raise SystemExit(f"--methods: {', '.join(sorted(unknown))} not among "
                              f"{', '.join(sorted(known))}")
+    for m, why in _registry.missing():
+        if methods is None or m in methods:
+            print(f"WARNING: method {m!r} cannot run here, so it has no rows: {why}",
+                  file=sys.stderr)
     t0 = time.perf_counter()
     results = run(problems, methods=methods, exclude=set(_split(args.exclude)),
                   repeat=args.repeat, budget=budget, pause=pause,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
+
 from . import _registry, _threads, _validate
 
 __all__ = ["conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "Conv2dGrads"]
@@ -87,6 +89,8 @@ def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, *, method="a
     """
     x, w, b, spec = _validate.conv2d(x, w, b, stride, padding, dilation, groups)
     impl = _registry.resolve("conv2d", method, spec)
+    if spec.x_shape[0] == 0:
+        return _empty(spec.out_shape, spec)
     _threads.sync()
     return impl.fn(x, w, b, spec)
 
@@ -119,11 +123,16 @@ def conv2d_backward(grad_output, x, w, stride=1, padding=0, dilation=1, groups=1
     >>> g.grad_input.shape, g.grad_weight.shape, g.grad_bias.shape
     ((2, 3, 8, 8), (4, 3, 3, 3), (4,))
     """
+    need = (_validate.flag(need_input, "need_input"), _validate.flag(need_weight, "need_weight"),
+            _validate.flag(need_bias, "need_bias"))
     g, x, w, spec = _validate.conv2d_backward(grad_output, x, w, stride, padding, dilation, groups)
     impl = _registry.resolve("conv2d_backward", method, spec)
+    if spec.x_shape[0] == 0:  # no images: the sums over the batch are zero
+        shapes = (spec.x_shape, spec.w_shape, spec.w_shape[:1])
+        return Conv2dGrads(*(_empty(s, spec, zero=True) if want else None
+                             for s, want in zip(shapes, need)))
     _threads.sync()
-    return Conv2dGrads(*impl.fn(g, x, w, spec, bool(need_input), bool(need_weight),
-                                bool(need_bias)))
+    return Conv2dGrads(*impl.fn(g, x, w, spec, *need))
 
 
 def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
@@ -153,7 +162,9 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
     indices : ndarray of int64, shape (N, C, H_out, W_out)
         Only with ``return_indices``: the flat index ``h * W + w`` of each window's maximum in
         the unpadded input plane. Ties go to the first maximum in row-major window order; a NaN
-        in a window is its maximum.
+        in a window is its maximum, and with several NaNs the first one's index (PyTorch's CPU
+        kernel takes the last). A window lying wholly in the padding gives ``-inf`` and an index
+        outside the plane, as PyTorch.
 
     Examples
     --------
@@ -163,10 +174,14 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
     array([[ 5.,  7.],
            [13., 15.]])
     """
+    return_indices = _validate.flag(return_indices, "return_indices")
     x, spec = _validate.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
     impl = _registry.resolve("max_pool2d", method, spec)
-    _threads.sync()
-    out, idx = impl.fn(x, spec, bool(return_indices))
+    if spec.x_shape[0] == 0:
+        out, idx = _empty(spec.out_shape, spec), _empty(spec.out_shape, spec, dtype=np.int64)
+    else:
+        _threads.sync()
+        out, idx = impl.fn(x, spec, return_indices)
     return (out, idx) if return_indices else out
 
 
@@ -174,8 +189,10 @@ def max_pool2d_backward(grad_output, indices, input_shape, kernel_size, stride=N
                         dilation=1, ceil_mode=False, *, method="auto"):
     """Gradient of `max_pool2d` with respect to its input.
 
-    Each output gradient is routed to the position its window's maximum came from (``indices``
-    from ``max_pool2d(..., return_indices=True)``); where windows overlap the gradients add.
+    Each output gradient is added at its index (``indices`` from ``max_pool2d(...,
+    return_indices=True)``, or any flat positions in ``[0, H*W)``): where windows overlap, or
+    indices repeat, the gradients add. A window lying wholly in the padding routes nothing,
+    whatever its index.
 
     Returns
     -------
@@ -185,5 +202,17 @@ def max_pool2d_backward(grad_output, indices, input_shape, kernel_size, stride=N
         grad_output, indices, input_shape, kernel_size, stride, padding, dilation, ceil_mode
     )
     impl = _registry.resolve("max_pool2d_backward", method, spec)
+    if spec.x_shape[0] == 0:
+        return _empty(spec.x_shape, spec)
     _threads.sync()
     return impl.fn(g, idx, spec)
+
+
+def _empty(shape, spec, *, zero=False, dtype=None):
+    """A result for an empty batch, on the arrays' side: kernels never see N = 0."""
+    dtype = spec.dtype if dtype is None else dtype
+    if spec.on_device:
+        from numba import cuda
+
+        return cuda.to_device(np.zeros(shape, dtype))
+    return np.zeros(shape, dtype) if zero else np.empty(shape, dtype)

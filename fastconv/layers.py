@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _registry, _validate
 from .functional import conv2d, conv2d_backward, max_pool2d, max_pool2d_backward
 
 __all__ = ["Conv2D", "MaxPool2D"]
@@ -71,6 +72,8 @@ class Conv2D:
     """
 
     def __init__(self, w, b, stride=1, padding=0, dilation=1, groups=1, method="auto"):
+        _validate.conv_options(stride, padding, dilation, groups)
+        _registry.check_method("conv2d", method)
         self.W = w
         self.b = b
         self.stride = stride
@@ -97,7 +100,7 @@ class Conv2D:
     def backward(self, dout):
         """Return the gradient with respect to the last input; set ``dW`` and ``db``."""
         if self.x is None:
-            raise RuntimeError("Conv2D.backward called before forward")
+            raise RuntimeError(f"{type(self).__name__}.backward called before forward")
         g = conv2d_backward(dout, self.x, self._w, **self._options(),
                             need_bias=self.b is not None)
         self.dW, self.db = g.grad_weight, g.grad_bias
@@ -153,6 +156,8 @@ class MaxPool2D:
 
     def __init__(self, kernel_size, stride=None, padding=0, method="auto", *, dilation=1,
                  ceil_mode=False):
+        _validate.pool_options(kernel_size, stride, padding, dilation, ceil_mode)
+        _registry.check_method("max_pool2d", method)
         self.kernel_size = kernel_size
         self.stride = stride
         self.padding = padding
@@ -176,7 +181,7 @@ class MaxPool2D:
     def backward(self, dout):
         """Return the gradient with respect to the last input."""
         if self.indices is None:
-            raise RuntimeError("MaxPool2D.backward called before forward")
+            raise RuntimeError(f"{type(self).__name__}.backward called before forward")
         return max_pool2d_backward(dout, self.indices, self.x_shape, self.kernel_size,
                                    **self._options())
 

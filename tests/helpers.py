@@ -286,4 +286,11 @@ def ref_max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     p, q = arg // kw, arg % kw
     rows = np.arange(oh)[:, None] * sh - ph + p * dh
     cols = np.arange(ow)[None, :] * sw - pw + q * dw
-    return out, rows * w + cols
+    # a window whose maximum is -inf (all of it -inf, or all of it padding) keeps PyTorch's
+    # start: the first tap at or below row 0 and at or right of column 0, in the plane or not
+    r0 = np.arange(oh) * sh - ph
+    c0 = np.arange(ow) * sw - pw
+    r0 = r0 + -(-np.maximum(-r0, 0) // dh) * dh
+    c0 = c0 + -(-np.maximum(-c0, 0) // dw) * dw
+    start = np.broadcast_to(r0[:, None] * w + c0[None, :], out.shape)
+    return out, np.where(out == -np.inf, start, rows * w + cols)

@@ -45,7 +45,8 @@ def fake_methods():
     def add(method, *, priority=0, supports=lambda spec: True, unavailable=lambda: None,
             target="fast_conv", device="cpu"):
         _registry.register("conv2d", method, f"{__name__}:{target}", device=device,
-                           unavailable=unavailable, supports=supports, priority=priority)
+                           unavailable=unavailable, priority=priority,
+                           unsupported=lambda spec: None if supports(spec) else "not this one")
 
     try:
         yield add

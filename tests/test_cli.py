@@ -410,3 +410,19 @@ def test_bench_on_a_fresh_machine_without_torch_tqdm_or_matplotlib(tmp_path, mon
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(SystemExit, match="--plot needs matplotlib"):
         _cli.main(["bench", "--shapes", "tiny", "--plot", str(tmp_path / "p.png")])
+
+
+def test_info_and_bench_warn_loudly_about_a_missing_cpu_method():
+    code = ("import sys; sys.modules['fastconv.kernels._im2col'] = None\n"
+            "from fastconv._cli import main\n"
+            "sys.exit(main(sys.argv[1:]))")
+    info = subprocess.run([sys.executable, "-c", code, "info"], capture_output=True, text=True,
+                          timeout=300)
+    assert info.returncode == 0, info.stderr
+    assert info.stdout.startswith("WARNING: method 'im2col' cannot run here: the fastconv "
+                                  "imported from ")
+    bench = subprocess.run([sys.executable, "-c", code, "bench", "--shapes", "lenet-c1",
+                            "--ops", "conv-fwd", "--dtype", "float32", "--methods",
+                            "naive,im2col", "--no-peers", "--no-progress", "--repeat", "1"],
+                           capture_output=True, text=True, timeout=300)
+    assert "WARNING: method 'im2col' cannot run here, so it has no rows" in bench.stderr

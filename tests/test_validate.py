@@ -87,7 +87,7 @@ def test_groups_channel_mismatch_message():
     (X, np.ones((4, 2, 3, 3)), None, ValueError, r"groups=1 and weight of shape \(4, 2, 3, 3\) "
                                                  r"expect x with 2 channels"),
     (X, np.ones((4, 3, 7, 3)), None, ValueError, "output would be empty"),
-    (np.ones((0, 3, 5, 5)), W, None, ValueError, "has an empty dimension"),
+    (np.ones((1, 0, 5, 5)), W, None, ValueError, "has an empty dimension"),
     (X.astype(complex), W, None, TypeError, "x has dtype complex128; fastconv computes in"),
     (X, W.astype(object), None, TypeError, "w has dtype object"),
     (X, W, np.array(["a"] * 4), TypeError, "b has dtype <U1"),

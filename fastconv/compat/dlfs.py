@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import _registry, _validate
 from ..functional import max_pool2d, max_pool2d_backward
 from ..layers import Conv2D
 
@@ -71,6 +72,15 @@ class Convolution(Conv2D):
         self.padding = value
 
 
+def _check_pad(p):
+    """The book's ``pad``: one int >= 0."""
+    if isinstance(p, (bool, np.bool_)) or not isinstance(p, (int, np.integer)):
+        raise TypeError(f"pad must be an int, got {p!r}")
+    if p < 0:
+        raise ValueError(f"pad must be >= 0, got {p!r}")
+    return int(p)
+
+
 class Pooling:
     """The book's max-pooling layer: ``Pooling(pool_h, pool_w, stride=1, pad=0)``.
 
@@ -114,6 +124,10 @@ class Pooling:
     """
 
     def __init__(self, pool_h, pool_w, stride=1, pad=0, *, method="auto"):
+        _validate.pair((pool_h, pool_w), "(pool_h, pool_w)", 1)
+        _validate.pair(stride, "stride", 1)
+        _check_pad(pad)
+        _registry.check_method("max_pool2d", method)
         self.pool_h = pool_h
         self.pool_w = pool_w
         self.stride = stride
@@ -156,11 +170,7 @@ class Pooling:
         return (p * self.pool_w + q).transpose(0, 2, 3, 1).reshape(-1)
 
     def _zero_pad(self, x):
-        p = self.pad
-        if isinstance(p, (bool, np.bool_)) or not isinstance(p, (int, np.integer)):
-            raise TypeError(f"pad must be an int, got {p!r}")
-        if p < 0:
-            raise ValueError(f"pad must be >= 0, got {p!r}")
+        p = _check_pad(self.pad)
         if p == 0:
             return x
         if x.ndim != 4:

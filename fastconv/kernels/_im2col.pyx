@@ -52,8 +52,10 @@ OPENMP_ENABLED = bool(fc_openmp_enabled())
 # Calls that move fewer elements than this run on one thread: starting a team costs more.
 cdef Py_ssize_t _MIN_PARALLEL_WORK = 1 << 15
 
-# BLAS int arguments are 32-bit (LP64).
+# BLAS int arguments are 32-bit (LP64); sizes stay a margin below, as offsets are multiples.
 cdef Py_ssize_t _BLAS_INT_MAX = 2147483647
+#: The largest output plane (OH*OW), reduction (C/groups*R*S) or channel count the kernels take.
+BLAS_SIZE_LIMIT = _BLAS_INT_MAX // 64
 
 # ---------------------------------------------------------------------------------------------
 # BLAS: the gemm of scipy.linalg.cython_blas, looked up at import through its C-API capsules so

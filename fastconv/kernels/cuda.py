@@ -341,6 +341,23 @@ def _conv_args(spec):
     return (*spec.stride, pt, pl, *spec.dilation, spec.groups)
 
 
+@functools.cache
+def _window_empty_fn():
+    """Device function: whether pool window ``i`` along an axis holds no pixel of a ``size``
+    axis (every tap in the padding), for kernel ``k``, stride ``s``, padding ``p``, dilation
+    ``d``."""
+    _cuda()
+
+    @cuda.jit(device=True)
+    def window_empty(i, size, k, s, p, d):
+        for t in range(k):
+            if 0 <= i * s - p + t * d < size:
+                return False
+        return True
+
+    return window_empty
+
+
 # ---------------------------------------------------------------------------------------------
 # cuda-naive
 
@@ -348,6 +365,7 @@ def _conv_args(spec):
 @functools.cache
 def _naive():
     _cuda()
+    _window_empty = _window_empty_fn()
 
     @cuda.jit
     def forward(x, w, b, out, sh, sw, pt, pl, dh, dw, groups, has_bias):
@@ -470,8 +488,9 @@ def _naive():
             idx[n, c, i, j] = arg
 
     @cuda.jit
-    def pool_backward(g, idx, dx):
-        """One thread per (n, c) plane walks its outputs in order: exact for any indices."""
+    def pool_backward(g, idx, dx, kh, kw, sh, sw, ph, pw, dh, dw):
+        """One thread per (n, c) plane walks its outputs in order: exact for any indices. A
+        window lying wholly in the padding routes nothing, whatever its index."""
         _, chans, oh, ow = g.shape
         h, wd = dx.shape[2], dx.shape[3]
         for t in range(cuda.grid(1), g.shape[0] * chans, cuda.gridsize(1)):
@@ -480,9 +499,11 @@ def _naive():
             for k in range(h * wd):
                 dx[n, c, k // wd, k % wd] = 0
             for i in range(oh):
+                if _window_empty(i, h, kh, sh, ph, dh):
+                    continue
                 for j in range(ow):
                     k = idx[n, c, i, j]
-                    if 0 <= k < h * wd:
+                    if 0 <= k < h * wd and not _window_empty(j, wd, kw, sw, pw, dw):
                         dx[n, c, k // wd, k % wd] += g[n, c, i, j]
 
     return _ns(forward=forward, backward_input=backward_input, backward_weight=backward_weight,
@@ -532,7 +553,8 @@ def max_pool2d_backward_naive(g, idx, spec):
     io = _Io(spec)
     gd, idd = io.inputs(g, idx)
     dx = io.empty(spec.x_shape)
-    _launch_flat(_naive().pool_backward, spec.x_shape[0] * spec.x_shape[1], gd, idd, dx)
+    _launch_flat(_naive().pool_backward, spec.x_shape[0] * spec.x_shape[1], gd, idd, dx,
+                 *_pool_args(spec))
     return io.output(dx)
 
 
@@ -1424,6 +1446,44 @@ def _pool_backward_kernel(dtype, kh, kw, sh, sw, dh, dw, tpy, tpx, ry):
     return pool_backward
 
 
+@functools.cache
+def _pool_strays_kernel():
+    """Adds, after the gather, the gradients whose index lies in the plane but outside their
+    own window (max_pool2d never makes them; a caller's indices may): atomically, since such
+    indices may collide anywhere."""
+    _cuda()
+    window_empty = _window_empty_fn()
+
+    @cuda.jit(device=True)
+    def on_tap(v, start, k, d):
+        off = v - start
+        return off >= 0 and off % d == 0 and off // d < k
+
+    @cuda.jit
+    def pool_strays(g, idx, dx, kh, kw, sh, sw, ph, pw, dh, dw):
+        _, chans, oh, ow = g.shape
+        h, wd = dx.shape[2], dx.shape[3]
+        for t in range(cuda.grid(1), g.size, cuda.gridsize(1)):
+            j = t % ow
+            r = t // ow
+            i = r % oh
+            r //= oh
+            c = r % chans
+            n = r // chans
+            k = idx[n, c, i, j]
+            if k < 0 or k >= h * wd:
+                continue
+            row = k // wd
+            col = k - row * wd
+            if on_tap(row, i * sh - ph, kh, dh) and on_tap(col, j * sw - pw, kw, dw):
+                continue  # the gather routed it
+            if window_empty(i, h, kh, sh, ph, dh) or window_empty(j, wd, kw, sw, pw, dw):
+                continue
+            cuda.atomic.add(dx, (n, c, row, col), g[n, c, i, j])
+
+    return pool_strays
+
+
 def _pool_tile(spec, gather):
     tpy, tpx, ry = POOL_CONFIGS["sim" if _sim() else "default"]
     (kh, kw), (sh, sw), (dh, dw) = spec.kernel, spec.stride, spec.dilation
@@ -1455,7 +1515,8 @@ def max_pool2d_forward_direct(x, spec, return_indices):
 
 
 def max_pool2d_backward_direct(g, idx, spec):
-    """Gathers per input pixel, so each index must lie in its own window (as max_pool2d's do)."""
+    """Gathers per input pixel the gradients of the windows whose index chose it; then adds
+    those whose index lies outside its own window (see _pool_strays_kernel)."""
     cfg = _pool_tile(spec, gather=True)
     if cfg is None:
         return max_pool2d_backward_naive(g, idx, spec)
@@ -1467,4 +1528,5 @@ def max_pool2d_backward_direct(g, idx, spec):
     tiles_w, tiles = _tiles(spec.x_shape[2:], tpy * ry, tpx)
     n, c = spec.x_shape[:2]
     kern[n * c * tiles, (tpx, tpy)](gd, idd, dx, *spec.padding, tiles_w, tiles)
+    _launch_flat(_pool_strays_kernel(), gd.size, gd, idd, dx, *_pool_args(spec))
     return io.output(dx)

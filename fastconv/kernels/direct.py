@@ -41,7 +41,10 @@ import numpy as np
 from numba import int32, int64, njit, prange, types, uint64
 from numba.extending import intrinsic
 
-__all__ = ["conv2d_forward", "conv2d_backward", "max_pool2d_forward", "max_pool2d_backward"]
+from . import NUMBA_CACHE
+
+__all__ = ["unsupported", "conv2d_forward", "conv2d_backward", "max_pool2d_forward",
+           "max_pool2d_backward"]
 
 TAPS = 9  # taps per micro-kernel pass: one 3x3 kernel, or a chunk of a longer reduction
 KB = 4  # output channels per forward / grad-input micro-kernel
@@ -60,7 +63,7 @@ def _cdiv(a, b):
     return -(-a // b)
 
 
-_jcdiv = njit(cache=True, nogil=True)(_cdiv)
+_jcdiv = njit(cache=NUMBA_CACHE, nogil=True)(_cdiv)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,7 +93,7 @@ def _wide(typingctx):
     return types.none(), codegen
 
 
-@njit(cache=True, nogil=True, fastmath=_FM)
+@njit(cache=NUMBA_CACHE, nogil=True, fastmath=_FM)
 def _mk4(src, offs, wpk, acc, base, n):
     """acc[r, :n] += sum over chunks c and taps j of wpk[c, j, r] * src[base + offs[c, j] + t]."""
     _wide()
@@ -165,7 +168,7 @@ def _mk4(src, offs, wpk, acc, base, n):
             acc[3, t] = b3
 
 
-@njit(cache=True, nogil=True, fastmath=_FM)
+@njit(cache=NUMBA_CACHE, nogil=True, fastmath=_FM)
 def _mk1(src, offs, wpk, acc, base, n):
     """_mk4 for one output channel (depthwise, and a last channel of a group)."""
     _wide()
@@ -195,7 +198,7 @@ def _mk1(src, offs, wpk, acc, base, n):
             acc[0, t] = b
 
 
-@njit(cache=True, nogil=True, fastmath=_FMR)
+@njit(cache=NUMBA_CACHE, nogil=True, fastmath=_FMR)
 def _dwk2(xs, offs, gs, g0, g1, sums, n):
     """sums[j, r] += sum_t gs[g_r + t] * xs[offs[j] + t] for 9 taps j and 2 channels r."""
     _wide()
@@ -259,7 +262,7 @@ def _dwk2(xs, offs, gs, g0, g1, sums, n):
     sums[8, 0], sums[8, 1] = c80, c81
 
 
-@njit(cache=True, nogil=True, fastmath=_FMR)
+@njit(cache=NUMBA_CACHE, nogil=True, fastmath=_FMR)
 def _dwk1(xs, offs, gs, g0, sums, n):
     """_dwk2 for one output channel."""
     _wide()
@@ -297,7 +300,7 @@ def _dwk1(xs, offs, gs, g0, sums, n):
 # parallel drivers
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@njit(parallel=True, cache=NUMBA_CACHE, nogil=True)
 def _correlate_nchw(src, offs, wpk, blocks, bias, has_bias, out, gw, nvr, nvc, ys, yo, xs, xo,
                     tile_rows, nkpart, local, geom):
     """out[n, k, r*ys + yo, v*xs + xo] = bias[k] + sum over taps of w * src[n, off + r*gw + v].
@@ -318,7 +321,7 @@ def _correlate_nchw(src, offs, wpk, blocks, bias, has_bias, out, gw, nvr, nvc, y
                         ys, yo, xs, xo, tile_rows, nkpart, local, geom)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=NUMBA_CACHE, nogil=True)
 def _correlate_item(item, src, offs, wpk, blocks, bias, has_bias, out, gw, nvr, nvc, ys, yo, xs,
                     xo, tile_rows, nkpart, local, geom):
     _, h, w, pt, pl, sh, sw, lrows, cg = geom
@@ -375,7 +378,7 @@ def _correlate_item(item, src, offs, wpk, blocks, bias, has_bias, out, gw, nvr, 
                         of[o0 + v] = acc[r, a0 + v]
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@njit(parallel=True, cache=NUMBA_CACHE, nogil=True)
 def _grad_weight_nchw(xsrc, gsrc, offs, widx, blocks, gbase, gplane, n_red, dwflat, cgrs):
     """dw[k, tap] = sum_n sum_t g[n, k, t] * x[n, off(tap) + t], x and g on grids of one width.
 
@@ -388,7 +391,7 @@ def _grad_weight_nchw(xsrc, gsrc, offs, widx, blocks, gbase, gplane, n_red, dwfl
                           dwflat, cgrs)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=NUMBA_CACHE, nogil=True)
 def _grad_weight_item(item, xsrc, gsrc, offs, widx, blocks, gbase, gplane, n_red, dwflat, cgrs):
     n_ch = widx.shape[0]
     blk = item // n_ch
@@ -408,7 +411,7 @@ def _grad_weight_item(item, xsrc, gsrc, offs, widx, blocks, gbase, gplane, n_red
                 dwflat[(k0 + r) * cgrs + widx[ch, j]] = sums[j, r]
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@njit(parallel=True, cache=NUMBA_CACHE, nogil=True)
 def _depthwise_backward_nchw(x, g, goffs, wpk, dx, xoffs, uniq, part_w, part_b, need, geom):
     """All gradients of a stride-1 depthwise conv (groups == C == K), one (n, c) plane per item.
 
@@ -422,7 +425,7 @@ def _depthwise_backward_nchw(x, g, goffs, wpk, dx, xoffs, uniq, part_w, part_b, 
                                   need, geom)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=NUMBA_CACHE, nogil=True)
 def _depthwise_backward_plane(nc, x, g, goffs, wpk, dx, xoffs, uniq, part_w, part_b, need,
                               geom):
     need_input, need_weight, need_bias = need
@@ -462,7 +465,7 @@ def _depthwise_backward_plane(nc, x, g, goffs, wpk, dx, xoffs, uniq, part_w, par
         part_b[n, c] = _sum_plane(gf, uint64(nc * oh * ow), oh * ow)
 
 
-@njit(cache=True, nogil=True, fastmath=_FMR)
+@njit(cache=NUMBA_CACHE, nogil=True, fastmath=_FMR)
 def _sum_plane(a, lo, n):
     s = a[lo]
     for t in range(uint64(1), uint64(n)):
@@ -470,7 +473,7 @@ def _sum_plane(a, lo, n):
     return s
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=NUMBA_CACHE, nogil=True)
 def _fill_grid(xf, xo, h, w, df, do, pt, pl, sh, sw, r0, rows, gw):
     """Grid rows r0 <= u < r0 + rows of one channel, all phases: for phase (a, b),
     df[do + (a*sw + b)*rows*gw + (u - r0)*gw + v] = xf[xo + (u*sh + a - pt)*w + v*sw + b - pl],
@@ -504,7 +507,7 @@ def _fill_grid(xf, xo, h, w, df, do, pt, pl, sh, sw, r0, rows, gw):
                     df[d0 + v] = 0
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=NUMBA_CACHE, nogil=True)
 def _pack_weights(wflat, wbase, wdiv, cstride, blocks, wpk):
     """wpk[b, ch, j, r] = wflat[wbase[group, ch, j] + (blocks[b, 3] + r) * cstride] / wdiv[ch, j],
     and 0 for the padding rows of a block."""
@@ -519,6 +522,24 @@ def _pack_weights(wflat, wbase, wdiv, cstride, blocks, wpk):
                         wpk[blk, ch, j, r] = wflat[base + (row0 + r) * cstride] / wdiv[ch, j]
                     else:
                         wpk[blk, ch, j, r] = 0
+
+
+#: The largest padded, stride-phase-split plane (elements per channel) the kernels lay out.
+GRID_LIMIT = 2**31
+
+
+def unsupported(spec):
+    """Why the conv kernels cannot take ``spec`` (None when they can): they lay the input out
+    padded and split into stride phases, which huge paddings or strides make huge."""
+    (pt, pb), (pl, pr) = spec.padding
+    sh, sw = spec.stride
+    h, w = spec.x_shape[2:]
+    plane = sh * _cdiv(h + pt + pb, sh) * sw * _cdiv(w + pl + pr, sw)
+    if plane > GRID_LIMIT:
+        return (f"padding={spec.padding} and stride={spec.stride} on planes of {h}x{w} need "
+                f"a padded, phase-split plane of {plane} elements, more than {GRID_LIMIT} "
+                "(use method='im2col' or 'naive')")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -836,7 +857,7 @@ def conv2d_backward(g, x, w, spec, need_input, need_weight, need_bias):
 # (the first maximum wins ties) or when it is the first NaN (NaN propagates).
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=NUMBA_CACHE, nogil=True)
 def _pool_row2(xf, pb, of, af, want_idx, rb, n, sw, rstep, o0):
     """n 2x2 windows lying fully inside, stride sw (1 or 2) along the row: tap (p, q) of
     window j is at plane offset rb + j*sw + p*rstep + q (no dilation along rows:
@@ -939,7 +960,7 @@ def _pool_row2(xf, pb, of, af, want_idx, rb, n, sw, rstep, o0):
                 af[oo + j] = arg
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=NUMBA_CACHE, nogil=True)
 def _pool_row3(xf, pb, of, af, want_idx, rb, n, sw, rstep, o0):
     """n 3x3 windows lying fully inside, stride sw (1 or 2) along the row: tap (p, q) of
     window j is at plane offset rb + j*sw + p*rstep + q (no dilation along rows:
@@ -1132,7 +1153,7 @@ def _pool_row3(xf, pb, of, af, want_idx, rb, n, sw, rstep, o0):
                 af[oo + j] = arg
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=NUMBA_CACHE, nogil=True)
 def _pool_row_short(xf, pb, of, af, rb, n, sw, rstep, o0, kh, kw):
     """Windows fully inside with their indices, one at a time, for rows too short for the index
     loops of _pool_row2/3 to take their vector path: their scalar fallback is slower still
@@ -1152,7 +1173,7 @@ def _pool_row_short(xf, pb, of, af, rb, n, sw, rstep, o0, kh, kw):
         af[o0 + j] = arg
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=NUMBA_CACHE, nogil=True)
 def _win_any(xf, pb, of, af, want_idx, rb, n, sw, dwc, rstep, o0, kh, kw, best, arg):
     """Fully inside windows of any size, one vector pass per tap over best/arg scratch."""
     for p in range(kh):
@@ -1177,7 +1198,7 @@ def _win_any(xf, pb, of, af, want_idx, rb, n, sw, dwc, rstep, o0, kh, kw, best, 
             af[o0 + j] = arg[j]
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=NUMBA_CACHE, nogil=True)
 def _win_clipped(xf, pb, of, af, want_idx, o, i, j, h, w, kh, kw, sh, sw, ph, pw, dh, dw):
     """One window touching the padding: its taps inside the input only (as naive.py)."""
     r0 = i * sh - ph
@@ -1205,14 +1226,14 @@ def _win_clipped(xf, pb, of, af, want_idx, o, i, j, h, w, kh, kw, sh, sw, ph, pw
         af[o] = arg
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@njit(parallel=True, cache=NUMBA_CACHE, nogil=True)
 def _pool_forward_nchw(x, out, idx, want_idx, kh, kw, sh, sw, ph, pw, dh, dw):
     """Parallel over (n, c) planes."""
     for nc in prange(x.shape[0] * x.shape[1]):
         _pool_plane(int64(nc), x, out, idx, want_idx, kh, kw, sh, sw, ph, pw, dh, dw)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=NUMBA_CACHE, nogil=True)
 def _pool_plane(nc, x, out, idx, want_idx, kh, kw, sh, sw, ph, pw, dh, dw):
     h, w = x.shape[2], x.shape[3]
     oh, ow = out.shape[2], out.shape[3]
@@ -1259,17 +1280,17 @@ def _pool_plane(nc, x, out, idx, want_idx, kh, kw, sh, sw, ph, pw, dh, dw):
             _win_any(xf, pb, of, af, want_idx, rb, n_in, usw, udw, rstep, o0, kh, kw, best, arg)
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def _pool_backward_nchw(g, idx, dx, overlap):
+@njit(parallel=True, cache=NUMBA_CACHE, nogil=True)
+def _pool_backward_nchw(g, idx, dx):
     """Parallel over (n, c) planes: zero the plane (while it is in cache), then add each output
-    gradient at its argmax, in output order (so overlapping windows add deterministically).
-    Without overlap no position gets two gradients, and a store replaces the read-add-write."""
+    gradient at its index, in output order (so overlapping windows, and any index shared by
+    several outputs, add deterministically)."""
     for nc in prange(g.shape[0] * g.shape[1]):
-        _pool_backward_plane(int64(nc), g, idx, dx, overlap)
+        _pool_backward_plane(int64(nc), g, idx, dx)
 
 
-@njit(cache=True, nogil=True)
-def _pool_backward_plane(nc, g, idx, dx, overlap):
+@njit(cache=NUMBA_CACHE, nogil=True)
+def _pool_backward_plane(nc, g, idx, dx):
     oh, ow = g.shape[2], g.shape[3]
     plane = dx.shape[2] * dx.shape[3]
     gf = g.reshape(-1)
@@ -1279,12 +1300,8 @@ def _pool_backward_plane(nc, g, idx, dx, overlap):
     for t in range(uint64(plane)):
         df[d0 + t] = 0
     g0 = uint64(nc * oh * ow)
-    if overlap:
-        for t in range(uint64(oh * ow)):
-            df[d0 + uint64(af[g0 + t])] += gf[g0 + t]
-    else:
-        for t in range(uint64(oh * ow)):
-            df[d0 + uint64(af[g0 + t])] = gf[g0 + t]
+    for t in range(uint64(oh * ow)):
+        df[d0 + uint64(af[g0 + t])] += gf[g0 + t]
 
 
 def _pool_args(spec):
@@ -1300,8 +1317,5 @@ def max_pool2d_forward(x, spec, return_indices):
 
 def max_pool2d_backward(g, idx, spec):
     dx = np.empty(spec.x_shape, dtype=spec.dtype)
-    # windows overlap when a stride is shorter than the window's (dilated) extent
-    overlap = any(st < (k - 1) * d + 1
-                  for st, k, d in zip(spec.stride, spec.kernel, spec.dilation))
-    _pool_backward_nchw(g, idx, dx, overlap)
+    _pool_backward_nchw(g, idx, dx)
     return dx

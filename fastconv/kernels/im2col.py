@@ -89,6 +89,7 @@ import numpy as np
 from . import _im2col, _pool
 
 __all__ = [
+    "unsupported",
     "conv2d_forward",
     "conv2d_backward",
     "max_pool2d_forward",
@@ -162,6 +163,19 @@ def serial_blas(active=True):
 
 def _threads():
     return max(1, int(_im2col.get_max_threads()))
+
+
+def unsupported(spec):
+    """Why the conv kernels cannot take ``spec`` (None when they can): BLAS's 32-bit sizes."""
+    k, cg, r, s = spec.w_shape
+    sizes = {"the output plane OH*OW": spec.out_hw[0] * spec.out_hw[1],
+             "the reduction C/groups*R*S": cg * r * s, "the output channels K": k}
+    over = [f"{name} = {v}" for name, v in sizes.items() if v > _im2col.BLAS_SIZE_LIMIT]
+    if over:
+        return (f"{', '.join(over)} for x of shape {spec.x_shape} and weight of shape "
+                f"{spec.w_shape} exceed the 32-bit BLAS interface's limit of "
+                f"{_im2col.BLAS_SIZE_LIMIT} (use method='direct' or 'naive')")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,10 +8,12 @@ Sums accumulate in float64 whatever the dtype, which makes this the most accurat
 import numpy as np
 from numba import njit
 
+from . import NUMBA_CACHE
+
 __all__ = ["conv2d_forward", "conv2d_backward", "max_pool2d_forward", "max_pool2d_backward"]
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=NUMBA_CACHE, nogil=True)
 def _forward_nchw(x, w, out, sh, sw, pt, pl, dh, dw, groups):
     n_batch, _, h, wd = x.shape
     c_out, cg, kh, kw = w.shape
@@ -35,7 +37,7 @@ def _forward_nchw(x, w, out, sh, sw, pt, pl, dh, dw, groups):
                     out[n, o, i, j] = acc
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=NUMBA_CACHE, nogil=True)
 def _backward_input_nchw(g, w, dx, sh, sw, pt, pl, dh, dw, groups):
     """Scatter each output gradient back through the taps that produced it (the adjoint)."""
     n_batch, _, h, wd = dx.shape
@@ -61,7 +63,7 @@ def _backward_input_nchw(g, w, dx, sh, sw, pt, pl, dh, dw, groups):
     dx[...] = acc
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=NUMBA_CACHE, nogil=True)
 def _backward_weight_nchw(g, x, dwt, sh, sw, pt, pl, dh, dw, groups):
     n_batch, _, h, wd = x.shape
     c_out, cg, kh, kw = dwt.shape
@@ -85,7 +87,7 @@ def _backward_weight_nchw(g, x, dwt, sh, sw, pt, pl, dh, dw, groups):
                     dwt[o, c, p, q] = acc
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=NUMBA_CACHE, nogil=True)
 def _backward_bias_nchw(g, db):
     n_batch, c_out, oh, ow = g.shape
     for o in range(c_out):
@@ -128,7 +130,7 @@ def conv2d_backward(g, x, w, spec, need_input, need_weight, need_bias):
 # max-pool
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=NUMBA_CACHE, nogil=True)
 def _pool_forward_nchw(x, out, idx, kh, kw, sh, sw, ph, pw, dh, dw):
     n_batch, chans, h, wd = x.shape
     oh, ow = out.shape[2], out.shape[3]
@@ -161,7 +163,7 @@ def _pool_forward_nchw(x, out, idx, kh, kw, sh, sw, ph, pw, dh, dw):
                     idx[n, c, i, j] = arg
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=NUMBA_CACHE, nogil=True)
 def _pool_backward_nchw(g, idx, dx):
     n_batch, chans, oh, ow = g.shape
     wd = dx.shape[3]
