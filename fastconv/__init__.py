@@ -1,14 +1,5 @@
 """fastconv: fast 2-D convolution and max-pool kernels for NumPy neural nets."""
 
-import os as _os
-
-# Numba's default "workqueue" threading layer aborts when two Python threads run parallel kernels
-# at once; "threadsafe" picks TBB or OpenMP, which allow it. An explicit user choice wins.
-if "NUMBA_THREADING_LAYER" not in _os.environ:
-    import numba as _numba
-
-    _numba.config.THREADING_LAYER = "threadsafe"
-
 from ._autotune import autotune
 from ._registry import BackendUnavailableError, methods
 from ._threads import get_num_threads, set_num_threads

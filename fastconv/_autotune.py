@@ -423,7 +423,6 @@ def _time_candidates(op, spec, by_name, budget=0.2):
     fastest_predicted = min(ranking.values()) if ranking else None
     order = sorted(by_name, key=lambda m: (ranking.get(m, math.inf), -by_name[m].priority))
     times: dict[str, float] = {}
-    _thread_count.sync()
     for m in order:
         if fastest_predicted is not None and ranking.get(m, 0) > 8 * fastest_predicted:
             continue  # the table says it is far slower: not worth a call on a large problem

@@ -29,44 +29,23 @@ def _cpu_name():
     return platform.processor() or platform.machine()
 
 
-def _threading_layer(run_kernels):
-    """Numba's configured, available and (after running a tiny parallel kernel) active layer."""
-    import numba
+def _threading():
+    """How the CPU kernels run their threads (see fastconv._threads)."""
+    from .kernels import _parallel
 
-    out = {"configured": str(numba.config.THREADING_LAYER)}
-    avail = []
-    for name, mod in (("tbb", "numba.np.ufunc.tbbpool"), ("omp", "numba.np.ufunc.omppool"),
-                      ("workqueue", "numba.np.ufunc.workqueue")):
-        try:
-            importlib.import_module(mod)
-            avail.append(name)
-        except Exception:  # an import error or a broken library
-            pass
-    out["available"] = ", ".join(avail) or "none"
-    if run_kernels:
-        try:
-            out["active"] = _probe_threading_layer()
-        except Exception as e:
-            out["active"] = f"unknown ({type(e).__name__}: {e})"
-    return out
-
-
-def _probe_threading_layer():
-    import numba
-    import numpy as np
-
+    pool = _parallel._pool
+    out = {"threading layer": "fastconv's own pool (no OpenMP, no Numba threading layer); "
+                              "idle threads sleep",
+           "pool threads started": str(len(pool.workers)),
+           "one-thread below": f"{_parallel.MIN_PARALLEL_NS / 1e3:.0f} us of estimated work"}
     try:
-        return numba.threading_layer()
-    except ValueError:  # no parallel kernel has run yet: run one
-        pass
-
-    @numba.njit(parallel=True)
-    def _touch(a):
-        for i in numba.prange(a.shape[0]):
-            a[i] += 1.0
-
-    _touch(np.zeros(16))
-    return numba.threading_layer()
+        from .kernels import _im2col
+    except ImportError:
+        return out
+    n = _im2col.blas_threads()
+    out["kernels' BLAS"] = ("threads unknown" if n is None else
+                            f"{n} threads, held at 1 while a kernel runs")
+    return out
 
 
 def _cuda_info():
@@ -162,9 +141,7 @@ def _compiled_info():
             else:
                 out[mod] = f"not usable ({e})"
             continue
-        omp = getattr(m, "OPENMP_ENABLED", None)
-        out[mod] = "built, " + ("with OpenMP" if omp else "serial (no OpenMP)" if omp is not None
-                                else "OpenMP unknown")
+        out[mod] = f"built ({m.__file__})"
     return out
 
 
@@ -183,9 +160,8 @@ def _methods_info():
     return out
 
 
-def collect_info(run_kernels=True) -> dict:
+def collect_info() -> dict:
     """Everything `info` prints, as a dict (also the header of the benchmark's results)."""
-    import numba
 
     import fastconv as fc
 
@@ -204,13 +180,12 @@ def collect_info(run_kernels=True) -> dict:
     compiled = _compiled_info()
     threads = {
         "fastconv threads": str(fc.get_num_threads()),
-        "NUMBA_NUM_THREADS": str(numba.config.NUMBA_NUM_THREADS),
     }
-    threads.update({f"threading layer {k}": v for k, v in _threading_layer(run_kernels).items()})
-    for var in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER"):
+    threads.update(_threading())
+    for var in ("FASTCONV_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         if os.environ.get(var):
             threads[f"${var}"] = os.environ[var]
-    blas_short, blas_lines = _blas_info()  # after the kernels ran: their OpenMP pools show too
+    blas_short, blas_lines = _blas_info()
     from .kernels import numba_cache_location
 
     return {

@@ -851,7 +851,7 @@ def machine_summary(threads):
     """A few lines saying where and how the run was made."""
     from . import _cli
 
-    info = _cli.collect_info(run_kernels=False)
+    info = _cli.collect_info()
     return {
         "date": datetime.date.today().isoformat(),
         "machine": info["machine"],

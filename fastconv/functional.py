@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _registry, _threads, _validate
+from . import _registry, _validate
 
 __all__ = ["conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "Conv2dGrads"]
 
@@ -91,7 +91,6 @@ def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, *, method="a
     impl = _registry.resolve("conv2d", method, spec)
     if spec.x_shape[0] == 0:
         return _empty(spec.out_shape, spec)
-    _threads.sync()
     return impl.fn(x, w, b, spec)
 
 
@@ -131,7 +130,6 @@ def conv2d_backward(grad_output, x, w, stride=1, padding=0, dilation=1, groups=1
         shapes = (spec.x_shape, spec.w_shape, spec.w_shape[:1])
         return Conv2dGrads(*(_empty(s, spec, zero=True) if want else None
                              for s, want in zip(shapes, need)))
-    _threads.sync()
     return Conv2dGrads(*impl.fn(g, x, w, spec, *need))
 
 
@@ -180,7 +178,6 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
     if spec.x_shape[0] == 0:
         out, idx = _empty(spec.out_shape, spec), _empty(spec.out_shape, spec, dtype=np.int64)
     else:
-        _threads.sync()
         out, idx = impl.fn(x, spec, return_indices)
     return (out, idx) if return_indices else out
 
@@ -204,7 +201,6 @@ def max_pool2d_backward(grad_output, indices, input_shape, kernel_size, stride=N
     impl = _registry.resolve("max_pool2d_backward", method, spec)
     if spec.x_shape[0] == 0:
         return _empty(spec.x_shape, spec)
-    _threads.sync()
     return impl.fn(g, idx, spec)
 
 

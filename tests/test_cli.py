@@ -43,7 +43,7 @@ def test_info_lists_versions_threads_blas_gpu_and_methods(tmp_path):
 
 
 def test_info_json_and_reasons_for_unusable_methods():
-    info = _cli.collect_info(run_kernels=False)
+    info = _cli.collect_info()
     json.dumps(info)  # plain data
     for op, rows in info["methods"].items():
         assert [m for m, _, _ in rows] == list(_registry.known(op))

@@ -1,9 +1,12 @@
 """The Cython im2col / col2im cores against NumPy references (padded copies and strided slices).
 
 The extension must be built (`pip install -e .`): a missing build fails here, it is not skipped.
+The fused kernels are part functions of fastconv's pool; `run_parts` runs one from several
+Python threads at once, sharing one work counter, as the pool does.
 """
 
 import itertools
+import threading
 
 import numpy as np
 import pytest
@@ -70,16 +73,43 @@ def rand(rng, shape, dtype):
     return (rng.uniform(0.5, 1.5, shape) * rng.choice([-1, 1], shape)).astype(dtype)
 
 
+def geom(shape, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, k=1, groups=1):
+    """The kernels' geometry tuple (fastconv.kernels._geom.Geom)."""
+    return (*shape, k, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, groups)
+
+
+def run_parts(part, args, n_threads):
+    """``part(*args, counter)`` from ``n_threads`` threads at once, sharing the counter."""
+    counter = np.zeros(1, np.int64)
+    start = threading.Barrier(n_threads)
+    errors = []
+
+    def one():
+        start.wait()
+        try:
+            part(*args, counter)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one) for _ in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
 def run_im2col(x, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, c0=0, c1=-1):
     nc = (x.shape[1] if c1 == -1 else c1) - c0
     cols = np.full((nc * kh * kw, x.shape[0] * oh * ow), np.nan, x.dtype)   # every entry written
-    _im2col.im2col(x, cols, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, c0, c1)
+    _im2col.im2col(x, cols, geom(x.shape, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow), c0, c1)
     return cols
 
 
 def run_col2im(cols, shape, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, c0=0, c1=-1, fill=np.nan):
     dx = np.full(shape, fill, cols.dtype)   # col2im overwrites its channels, it does not add
-    _im2col.col2im(cols, dx, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, c0, c1)
+    _im2col.col2im(cols, dx, geom(shape, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow), c0, c1)
     return dx
 
 
@@ -170,37 +200,14 @@ def test_nan_is_copied_and_summed():
     assert np.isnan(dx).sum() == 1 and np.isnan(dx[0, 0, 1, 2])
 
 
-def test_col2im_deterministic_across_runs_and_threads():
+def test_col2im_deterministic_across_runs():
     rng = np.random.default_rng(3)
     shape, params = (4, 16, 20, 20), (3, 3, 1, 1, 1, 1, 1, 1, 20, 20)
     cols = rand(rng, (16 * 9, 4 * 20 * 20), np.float32)
-    saved = _im2col.get_max_threads()
-    try:
-        _im2col.set_num_threads(4)
-        runs = [run_col2im(cols, shape, *params) for _ in range(3)]
-        _im2col.set_num_threads(1)
-        runs.append(run_col2im(cols, shape, *params))
-    finally:
-        _im2col.set_num_threads(saved)
+    runs = [run_col2im(cols, shape, *params) for _ in range(3)]
     for dx in runs[1:]:
         assert dx.tobytes() == runs[0].tobytes()
     np.testing.assert_allclose(runs[0], ref_col2im(cols, shape, *params), **TOL[np.float32])
-
-
-def test_im2col_threads_agree_with_serial():
-    rng = np.random.default_rng(4)
-    x = rand(rng, (4, 16, 20, 20), np.float64)
-    params = (3, 3, 2, 1, 1, 2, 1, 2, 10, 18)
-    saved = _im2col.get_max_threads()
-    try:
-        _im2col.set_num_threads(4)
-        par = run_im2col(x, *params)
-        _im2col.set_num_threads(1)
-        ser = run_im2col(x, *params)
-    finally:
-        _im2col.set_num_threads(saved)
-    np.testing.assert_array_equal(par, ser)
-    np.testing.assert_array_equal(par, ref_im2col(x, *params))
 
 
 def test_read_only_inputs_are_accepted():
@@ -213,16 +220,6 @@ def test_read_only_inputs_are_accepted():
     np.testing.assert_allclose(dx, ref_col2im(cols, x.shape, 3, 3, 1, 1, 0, 0, 1, 1, 3, 3))
 
 
-def test_openmp_attributes():
-    assert isinstance(_im2col.OPENMP_ENABLED, bool)
-    n = _im2col.get_max_threads()
-    assert isinstance(n, int) and n >= 1
-    if not _im2col.OPENMP_ENABLED:
-        assert n == 1
-    with pytest.raises(ValueError, match="n must be >= 1"):
-        _im2col.set_num_threads(0)
-
-
 @pytest.mark.parametrize("channels", [(0, -1), (1, 3)], ids=["all", "sub"])
 @pytest.mark.parametrize("bad", ["rows", "cols"])
 def test_cols_shape_mismatch_raises(bad, channels):
@@ -231,7 +228,7 @@ def test_cols_shape_mismatch_raises(bad, channels):
     nc = (4 if c1 == -1 else c1) - c0
     shape = [nc * 9 + (bad == "rows"), 2 * 3 * 3 + (bad == "cols")]
     cols = np.zeros(shape, np.float32)
-    params = (3, 3, 1, 1, 0, 0, 1, 1, 3, 3, c0, c1)
+    params = (geom(x.shape, 3, 3, 1, 1, 0, 0, 1, 1, 3, 3), c0, c1)
     with pytest.raises(ValueError, match="cols has shape"):
         _im2col.im2col(x, cols, *params)
     with pytest.raises(ValueError, match="cols has shape"):
@@ -242,32 +239,31 @@ def test_cols_shape_mismatch_raises(bad, channels):
 @pytest.mark.parametrize(
     "params, match",
     [
-        ((3, 3, 0, 1, 0, 0, 1, 1, 3, 3, 0, -1), "need kh"),         # stride 0
-        ((0, 3, 1, 1, 0, 0, 1, 1, 3, 3, 0, -1), "need kh"),         # empty kernel
-        ((3, 3, 1, 1, 0, 0, 1, 1, -3, -3, 0, -1), "need kh"),       # negative output size
+        ((3, 3, 0, 1, 0, 0, 1, 1, 3, 3, 0, -1), "not a valid problem geometry"),   # stride 0
+        ((0, 3, 1, 1, 0, 0, 1, 1, 3, 3, 0, -1), "not a valid problem geometry"),   # no kernel
+        ((3, 3, 1, 1, 0, 0, 1, 1, -3, -3, 0, -1), "not a valid problem geometry"),  # out < 0
+        ((3, 3, 1, 1, -1, 0, 1, 1, 3, 3, 0, -1), "not a valid problem geometry"),   # pad < 0
         ((3, 3, 1, 1, 0, 0, 1, 1, 3, 3, 2, 5), "channel range"),    # past the channels
         ((3, 3, 1, 1, 0, 0, 1, 1, 3, 3, 3, 2), "channel range"),    # reversed
     ],
-    ids=["stride0", "kernel0", "negative-out", "c1-too-big", "reversed"],
+    ids=["stride0", "kernel0", "negative-out", "negative-pad", "c1-too-big", "reversed"],
 )
 def test_bad_parameters_raise(params, match):
     x = np.ones((2, 4, 5, 5))
     cols = np.zeros((4 * 9, 2 * 3 * 3))
+    args = (geom(x.shape, *params[:10]), *params[10:])
     with pytest.raises(ValueError, match=match):
-        _im2col.im2col(x, cols, *params)
+        _im2col.im2col(x, cols, *args)
     with pytest.raises(ValueError, match=match):
-        _im2col.col2im(cols, x, *params)
+        _im2col.col2im(cols, x, *args)
+    with pytest.raises(ValueError, match="does not fit the geometry"):
+        _im2col.im2col(x, cols, geom((2, 4, 5, 6), 3, 3, 1, 1, 0, 0, 1, 1, 3, 3))
 
 
 def test_mixed_dtypes_raise():
     with pytest.raises((TypeError, ValueError), match="dtype|signature"):
         _im2col.im2col(np.ones((1, 1, 3, 3), np.float32), np.zeros((1, 9), np.float64),
-                       1, 1, 1, 1, 0, 0, 1, 1, 3, 3)
-
-
-def test_empty_output_still_zeroes_dx():
-    dx = run_col2im(np.zeros((2 * 4, 0)), (3, 2, 4, 4), 2, 2, 1, 1, 0, 0, 1, 1, 0, 0)
-    assert dx.shape == (3, 2, 4, 4) and (dx == 0).all()
+                       geom((1, 1, 3, 3), 1, 1, 1, 1, 0, 0, 1, 1, 3, 3))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,15 +323,20 @@ def fused_case(name, dtype, seed=0):
 def run_fused(x, w, g, b, geo, out_hw, groups, tiling, n_threads, direct=True):
     tile_rows, n_slabs, chan_block, img_block = tiling
     k = w.shape[0]
-    y = np.full((x.shape[0], k, *out_hw), np.nan, x.dtype)
-    _im2col.conv_forward(x, w.reshape(k, -1), b, y, *geo, groups, tile_rows, n_threads,
-                         direct=direct)
-    dw = np.full(w.shape, np.nan, x.dtype)
-    _im2col.conv_backward_weight(g, x, dw.reshape(k, -1), *geo, groups, tile_rows, n_slabs,
-                                 n_threads, direct=direct)
+    n_batch, c = x.shape[:2]
+    tile_rows = min(tile_rows, n_batch * out_hw[0])
+    n_slabs = min(n_slabs, -(-n_batch * out_hw[0] // tile_rows))
+    gm = geom(x.shape, *geo, *out_hw, k=k, groups=groups)
+    y = np.full((n_batch, k, *out_hw), np.nan, x.dtype)
+    run_parts(_im2col.conv_forward, (x, w.reshape(k, -1), b, y, gm, tile_rows, direct),
+              n_threads)
+    slabs = np.full((n_slabs, k, w[0].size), np.nan, x.dtype)
+    run_parts(_im2col.conv_backward_weight, (g, x, slabs, gm, tile_rows, direct), n_threads)
+    dw = np.add.reduce(slabs, axis=0).reshape(w.shape)
     dx = np.full(x.shape, np.nan, x.dtype)
-    _im2col.conv_backward_input(g, w.reshape(k, -1), dx, *geo, groups, chan_block, img_block,
-                                n_threads)
+    run_parts(_im2col.conv_backward_input, (g, w.reshape(k, -1), dx, gm,
+                                            min(chan_block, c // groups),
+                                            min(img_block, n_batch)), n_threads)
     return y, dw, dx
 
 
@@ -358,8 +359,9 @@ def test_fused_kernels_match_column_matrices(name, dtype, tiling, n_threads, dir
     np.testing.assert_allclose(dx, want_dx, **tol)
     # without bias
     y0 = np.empty_like(y)
-    _im2col.conv_forward(x, w.reshape(w.shape[0], -1), None, y0, *geo, groups, tiling[0],
-                         n_threads, direct=direct)
+    gm = geom(x.shape, *geo, *out_hw, k=w.shape[0], groups=groups)
+    run_parts(_im2col.conv_forward, (x, w.reshape(w.shape[0], -1), None, y0, gm,
+                                     min(tiling[0], x.shape[0] * out_hw[0]), direct), n_threads)
     np.testing.assert_allclose(y0, want_y, **tol)
 
 
@@ -396,53 +398,50 @@ def test_fused_kernels_reject_bad_arguments():
     x = np.ones((2, 4, 5, 5), np.float32)
     w = np.ones((6, 2 * 9), np.float32)
     y = np.zeros((2, 6, 3, 3), np.float32)
-    geo = (3, 3, 1, 1, 0, 0, 1, 1)
-    with pytest.raises(ValueError, match="does not fit"):
-        _im2col.conv_forward(x, w, None, y, *geo, 1, 1, 1)       # groups=1 needs 4*9 columns
+    c = np.zeros(1, np.int64)
+    gm = geom(x.shape, 3, 3, 1, 1, 0, 0, 1, 1, 3, 3, k=6, groups=2)
+    with pytest.raises(ValueError, match="does not fit"):        # groups=1 needs 4*9 columns
+        _im2col.conv_forward(x, w, None, y, geom(x.shape, 3, 3, 1, 1, 0, 0, 1, 1, 3, 3, k=6),
+                             1, True, c)
     with pytest.raises(ValueError, match="output-shaped"):
-        _im2col.conv_forward(x, w, None, np.zeros((2, 5, 3, 3), np.float32), *geo, 2, 1, 1)
+        _im2col.conv_forward(x, w, None, np.zeros((2, 5, 3, 3), np.float32), gm, 1, True, c)
     with pytest.raises(ValueError, match="bias"):
-        _im2col.conv_forward(x, w, np.ones(5, np.float32), y, *geo, 2, 1, 1)
+        _im2col.conv_forward(x, w, np.ones(5, np.float32), y, gm, 1, True, c)
     with pytest.raises(ValueError, match="tile_rows"):
-        _im2col.conv_forward(x, w, None, y, *geo, 2, 0, 1)
-    with pytest.raises(ValueError, match="n_threads"):
-        _im2col.conv_forward(x, w, None, y, *geo, 2, 1, 0)
+        _im2col.conv_forward(x, w, None, y, gm, 0, True, c)
+    with pytest.raises(ValueError, match="tile_rows"):
+        _im2col.conv_forward(x, w, None, y, gm, 7, True, c)     # 2 images x 3 rows
     with pytest.raises(ValueError, match="C-contiguous"):
-        _im2col.conv_forward(x[:, ::2], np.ones((6, 9), np.float32), None, y, *geo, 2, 1, 1)
-    with pytest.raises(ValueError, match="n_slabs"):
-        _im2col.conv_backward_weight(y, x, np.zeros((6, 18), np.float32), *geo, 2, 1, 0, 1)
+        _im2col.conv_forward(x[:, ::2], np.ones((6, 9), np.float32), None, y, gm, 1, True, c)
+    with pytest.raises(ValueError, match="slabs for"):
+        _im2col.conv_backward_weight(y, x, np.zeros((0, 6, 18), np.float32), gm, 1, True, c)
     with pytest.raises(ValueError, match="chan_block"):
-        _im2col.conv_backward_input(y, w, x.copy(), *geo, 2, 0, 1, 1)
-    with pytest.raises(ValueError, match="times"):
-        _im2col.conv_forward(x, w, None, y, *geo, 2, 1, 2, times=np.zeros((1, 3)))
-    assert (y == 0).all()
+        _im2col.conv_backward_input(y, w, x.copy(), gm, 0, 1, c)
+    with pytest.raises(ValueError, match="not a valid problem geometry"):
+        _im2col.conv_forward(x, w, None, y, gm[:-1] + (4,), 1, True, c)   # 4 groups, 6 outputs
+    assert (y == 0).all() and c[0] == 0
 
 
-def test_fused_kernels_report_times():
-    x, w, g, b, geo, out_hw, groups = fused_case("3x3-pad1", np.float64)
-    k = w.shape[0]
-    for direct in (True, False):
-        times = np.zeros((2, 3))
-        y = np.empty((x.shape[0], k, *out_hw))
-        _im2col.conv_forward(x, w.reshape(k, -1), b, y, *geo, groups, 1, 2, direct=direct,
-                             times=times)
-        assert (times >= 0).all() and times.sum() > 0
-
-
-def test_serial_blas_holds_blas_at_one_thread_and_restores():
+def test_serial_blas_holds_the_kernels_blas_at_one_thread_and_restores():
     threadpoolctl = pytest.importorskip("threadpoolctl")
     from fastconv.kernels import im2col as kernels
 
-    def blas_threads():
-        return [i["num_threads"] for i in threadpoolctl.threadpool_info()
-                if i["user_api"] == "blas"]
+    if _im2col.blas_threads() is None:
+        pytest.skip("this BLAS has no thread count fastconv can read")
 
-    with threadpoolctl.threadpool_limits(2, user_api="blas"):
-        before = blas_threads()
+    def others():  # every BLAS but the kernels' (NumPy's, in the wheels)
+        return sorted(i["num_threads"] for i in threadpoolctl.threadpool_info()
+                      if i["user_api"] == "blas")
+
+    saved = _im2col.blas_threads()
+    try:
+        _im2col.set_blas_threads(2)
+        before = others()
         with kernels.serial_blas():
             with kernels.serial_blas():            # nested / concurrent users share the hold
-                assert set(blas_threads()) <= {1}
-            assert set(blas_threads()) <= {1}
-        assert blas_threads() == before
-        with kernels.serial_blas(active=False):
-            assert blas_threads() == before
+                assert _im2col.blas_threads() == 1
+            assert _im2col.blas_threads() == 1
+            assert others().count(1) <= before.count(1) + 1  # only one library changed
+        assert _im2col.blas_threads() == 2 and others() == before
+    finally:
+        _im2col.set_blas_threads(saved)

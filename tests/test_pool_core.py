@@ -1,14 +1,17 @@
 """The Cython max-pool cores (fastconv.kernels._pool) called directly, against the naive oracle.
 
 The conformance suite (test_pool.py, test_torch.py) checks them through the public functions;
-here: the arguments the public layer never passes (no indices, bad indices, thread counts).
+here: the arguments the public layer never passes (no indices, bad indices, several threads
+sharing a call's work counter).
 """
 
 import numpy as np
 import pytest
 
-from fastconv.kernels import _im2col, _pool, naive
 from fastconv._validate import max_pool2d as validate_pool
+from fastconv.kernels import _pool, naive
+from fastconv.kernels.im2col import geometry
+from test_im2col_core import run_parts
 
 CASES = [
     (((2, 3, 9, 8), 3, 2, 1, 1, False)),
@@ -31,12 +34,12 @@ def test_forward_matches_naive_with_and_without_indices(case, dtype):
     want, want_idx = naive.max_pool2d_forward(x, spec, True)
     out = np.full(spec.out_shape, 7, dtype)
     idx = np.full(spec.out_shape, -1, np.int64)
-    args = (*spec.kernel, *spec.stride, *spec.padding, *spec.dilation)
-    _pool.max_pool_forward(x, out, idx, *args)
+    geo = geometry(spec, spec.kernel)
+    run_parts(_pool.max_pool_forward, (x, out, idx, geo), 3)
     np.testing.assert_array_equal(out, want)
     np.testing.assert_array_equal(idx, want_idx)
     out2 = np.full(spec.out_shape, 7, dtype)
-    _pool.max_pool_forward(x, out2, None, *args)
+    run_parts(_pool.max_pool_forward, (x, out2, None, geo), 2)
     np.testing.assert_array_equal(out2, want)
 
 
@@ -47,16 +50,11 @@ def test_backward_adds_overlaps_and_is_identical_across_threads():
     _, idx = naive.max_pool2d_forward(x, spec, True)
     g = np.random.default_rng(2).standard_normal(spec.out_shape).astype(np.float32)
     want = naive.max_pool2d_backward(g, idx, spec)
-    saved = _im2col.get_max_threads()
     runs = []
-    try:
-        for t in (1, 3, 3):
-            _im2col.set_num_threads(t)   # one OpenMP runtime: this sets _pool's threads too
-            dx = np.full(spec.x_shape, np.nan, np.float32)
-            _pool.max_pool_backward(g, idx, dx)
-            runs.append(dx)
-    finally:
-        _im2col.set_num_threads(saved)
+    for t in (1, 3, 3):
+        dx = np.full(spec.x_shape, np.nan, np.float32)
+        run_parts(_pool.max_pool_backward, (g, idx, dx), t)
+        runs.append(dx)
     np.testing.assert_allclose(runs[0], want, rtol=1e-6, atol=1e-6)
     for dx in runs[1:]:
         assert dx.tobytes() == runs[0].tobytes()
@@ -67,17 +65,19 @@ def test_backward_rejects_indices_outside_the_plane():
     idx = np.array([[[[0, 3], [16, 5]]]])
     dx = np.empty((1, 1, 4, 4))
     with pytest.raises(ValueError, match="1 indices lie outside"):
-        _pool.max_pool_backward(g, idx, dx)
+        _pool.max_pool_backward(g, idx, dx, np.zeros(1, np.int64))
 
 
 def test_bad_arguments_raise():
     x = np.zeros((1, 2, 4, 4))
-    with pytest.raises(ValueError, match="kernel"):
-        _pool.max_pool_forward(x, np.zeros((1, 2, 2, 2)), None, 0, 2, 2, 2, 0, 0, 1, 1)
-    with pytest.raises(ValueError, match=r"differ in \(N, C\)"):
-        _pool.max_pool_forward(x, np.zeros((1, 3, 2, 2)), None, 2, 2, 2, 2, 0, 0, 1, 1)
+    c = np.zeros(1, np.int64)
+    geo = (1, 2, 4, 4, 2, 2, 2, 2, 2, 0, 0, 1, 1, 2, 2, 1)
+    with pytest.raises(ValueError, match="not a valid problem geometry"):
+        _pool.max_pool_forward(x, np.zeros((1, 2, 2, 2)), None, geo[:5] + (0,) + geo[6:], c)
+    with pytest.raises(ValueError, match="do not fit the geometry"):
+        _pool.max_pool_forward(x, np.zeros((1, 3, 2, 2)), None, geo, c)
     with pytest.raises(ValueError, match="indices must have"):
         _pool.max_pool_forward(x, np.zeros((1, 2, 2, 2)), np.zeros((1, 2, 2, 1), np.int64),
-                               2, 2, 2, 2, 0, 0, 1, 1)
+                               geo, c)
     with pytest.raises(ValueError, match="indices must have"):
-        _pool.max_pool_backward(np.zeros((1, 2, 2, 2)), np.zeros((1, 2, 1, 2), np.int64), x)
+        _pool.max_pool_backward(np.zeros((1, 2, 2, 2)), np.zeros((1, 2, 1, 2), np.int64), x, c)

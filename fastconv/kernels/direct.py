@@ -36,12 +36,11 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
-import numba
 import numpy as np
-from numba import int32, int64, njit, prange, types, uint64
+from numba import int32, njit, types, uint64
 from numba.extending import intrinsic
 
-from . import NUMBA_CACHE
+from . import NUMBA_CACHE, _parallel
 
 __all__ = ["unsupported", "conv2d_forward", "conv2d_backward", "max_pool2d_forward",
            "max_pool2d_backward"]
@@ -91,6 +90,20 @@ def _wide(typingctx):
         return context.get_dummy_value()
 
     return types.none(), codegen
+
+
+@intrinsic
+def _claim(typingctx, counter):
+    """The next work item of a call: ``counter[0]``, then advanced by one, atomically (the
+    threads running the call share it; see fastconv.kernels._parallel)."""
+    sig = types.int64(counter)
+
+    def codegen(context, builder, sig, args):
+        ptr = context.make_array(sig.args[0])(context, builder, args[0]).data
+        one = context.get_constant(types.int64, 1)
+        return builder.atomic_rmw("add", ptr, one, "monotonic")
+
+    return sig, codegen
 
 
 @njit(cache=NUMBA_CACHE, nogil=True, fastmath=_FM)
@@ -300,25 +313,26 @@ def _dwk1(xs, offs, gs, g0, sums, n):
 # parallel drivers
 
 
-@njit(parallel=True, cache=NUMBA_CACHE, nogil=True)
+@njit(cache=NUMBA_CACHE, nogil=True)
 def _correlate_nchw(src, offs, wpk, blocks, bias, has_bias, out, gw, nvr, nvc, ys, yo, xs, xo,
-                    tile_rows, nkpart, local, geom):
+                    tile_rows, nkpart, local, geom, counter):
     """out[n, k, r*ys + yo, v*xs + xo] = bias[k] + sum over taps of w * src[n, off + r*gw + v].
 
     src is (images, flat grid); offs[g, chunk, 9] the tap offsets of group g; wpk[block, chunk,
     9, 4] the packed weights; blocks[block] = (first channel, valid channels 1..4, group).
-    Work items are (image, tile of rows, part of the channel blocks); each writes its own part
-    of out. (The loop body is a plain function: Numba compiles a large prange body slowly.)
+    Work items are (image, tile of rows, part of the channel blocks), claimed from counter;
+    each writes its own part of out.
 
     With ``local``, src is the unpadded input (images, C*H*W) and each item builds the grid rows
     of its tile for just its groups' channels (geom = C, H, W, pt, pl, sh, sw, grid rows per
     tile, channels per group): for depthwise layers this halves the memory traffic.
     """
     n_items = src.shape[0] * _jcdiv(nvr, tile_rows) * nkpart
-    for item in prange(n_items):
-        # int64(): prange may hand out unsigned indices, which would compile a second version
-        _correlate_item(int64(item), src, offs, wpk, blocks, bias, has_bias, out, gw, nvr, nvc,
+    item = _claim(counter)
+    while item < n_items:
+        _correlate_item(item, src, offs, wpk, blocks, bias, has_bias, out, gw, nvr, nvc,
                         ys, yo, xs, xo, tile_rows, nkpart, local, geom)
+        item = _claim(counter)
 
 
 @njit(cache=NUMBA_CACHE, nogil=True)
@@ -378,17 +392,20 @@ def _correlate_item(item, src, offs, wpk, blocks, bias, has_bias, out, gw, nvr, 
                         of[o0 + v] = acc[r, a0 + v]
 
 
-@njit(parallel=True, cache=NUMBA_CACHE, nogil=True)
-def _grad_weight_nchw(xsrc, gsrc, offs, widx, blocks, gbase, gplane, n_red, dwflat, cgrs):
+@njit(cache=NUMBA_CACHE, nogil=True)
+def _grad_weight_nchw(xsrc, gsrc, offs, widx, blocks, gbase, gplane, n_red, dwflat, cgrs,
+                      counter):
     """dw[k, tap] = sum_n sum_t g[n, k, t] * x[n, off(tap) + t], x and g on grids of one width.
 
     gsrc[n] holds grad-output planes of gplane elements, each read from gbase for n_red elements
     (its padding columns are zero, so they add nothing). Work items are (block of up to 2
-    channels, chunk of 9 taps); each sums over all images in order.
+    channels, chunk of 9 taps), claimed from counter; each sums over all images in order.
     """
-    for item in prange(blocks.shape[0] * widx.shape[0]):
-        _grad_weight_item(int64(item), xsrc, gsrc, offs, widx, blocks, gbase, gplane, n_red,
-                          dwflat, cgrs)
+    item = _claim(counter)
+    while item < blocks.shape[0] * widx.shape[0]:
+        _grad_weight_item(item, xsrc, gsrc, offs, widx, blocks, gbase, gplane, n_red, dwflat,
+                          cgrs)
+        item = _claim(counter)
 
 
 @njit(cache=NUMBA_CACHE, nogil=True)
@@ -411,8 +428,9 @@ def _grad_weight_item(item, xsrc, gsrc, offs, widx, blocks, gbase, gplane, n_red
                 dwflat[(k0 + r) * cgrs + widx[ch, j]] = sums[j, r]
 
 
-@njit(parallel=True, cache=NUMBA_CACHE, nogil=True)
-def _depthwise_backward_nchw(x, g, goffs, wpk, dx, xoffs, uniq, part_w, part_b, need, geom):
+@njit(cache=NUMBA_CACHE, nogil=True)
+def _depthwise_backward_nchw(x, g, goffs, wpk, dx, xoffs, uniq, part_w, part_b, need, geom,
+                             counter):
     """All gradients of a stride-1 depthwise conv (groups == C == K), one (n, c) plane per item.
 
     Each item pads its grad-output plane and its input plane locally (in cache), then computes
@@ -420,9 +438,11 @@ def _depthwise_backward_nchw(x, g, goffs, wpk, dx, xoffs, uniq, part_w, part_b, 
     one read of g and x and one write of dx, against four extra full passes on the general
     path. The shares are summed over images afterwards, in a fixed order.
     """
-    for nc in prange(x.shape[0] * x.shape[1]):
-        _depthwise_backward_plane(int64(nc), x, g, goffs, wpk, dx, xoffs, uniq, part_w, part_b,
-                                  need, geom)
+    nc = _claim(counter)
+    while nc < x.shape[0] * x.shape[1]:
+        _depthwise_backward_plane(nc, x, g, goffs, wpk, dx, xoffs, uniq, part_w, part_b, need,
+                                  geom)
+        nc = _claim(counter)
 
 
 @njit(cache=NUMBA_CACHE, nogil=True)
@@ -744,7 +764,7 @@ def _tiling(n_img, nvr, gw, n_blk):
     keep every thread busy even at batch 1. Changes only who computes what, never the sums."""
     rows = max(1, min(nvr, TILE // gw))
     rows = _cdiv(nvr, _cdiv(nvr, rows))  # tiles of even height
-    want = 4 * numba.get_num_threads()
+    want = 4 * _parallel.count
     parts = min(n_blk, max(1, _cdiv(want, n_img * _cdiv(nvr, rows))))
     while n_img * _cdiv(nvr, rows) * parts < want and rows > 1:
         rows = _cdiv(rows, 2)
@@ -752,20 +772,26 @@ def _tiling(n_img, nvr, gw, n_blk):
 
 
 def _correlate(src, offs, wpk, blocks, bias, out, gw, nvr, nvc, ys=1, yo=0, xs=1, xo=0,
-               local=None):
+               local=None, work_ns=0):
     n_img, n_blk = src.shape[0], blocks.shape[0]
     if local is None:
         rows, parts = _tiling(n_img, nvr, gw, n_blk)
         geom = (0, 0, 0, 0, 0, 1, 1, 0, 0)
     else:
         geom, rows = local
-        want = 4 * numba.get_num_threads()
+        want = 4 * _parallel.count
         parts = min(n_blk, max(1, _cdiv(want, n_img * _cdiv(nvr, rows))))
     has_bias = bias is not None
     if not has_bias:
         bias = np.zeros(1, dtype=out.dtype)
-    _correlate_nchw(src, offs, wpk, blocks, bias, has_bias, out, gw, nvr, nvc, ys, yo, xs, xo,
-                    rows, parts, local is not None, geom)
+    _parallel.run(_correlate_nchw, (src, offs, wpk, blocks, bias, has_bias, out, gw, nvr, nvc,
+                                    ys, yo, xs, xo, rows, parts, local is not None, geom),
+                  n_img * _cdiv(nvr, rows) * parts, work_ns)
+
+
+def _work_ns(spec, share=1.0):
+    """Single-thread time estimate of a conv pass (about 25 GFLOP/s on one core)."""
+    return int(share * spec.flops / 25)
 
 
 def _packed(w, wbase, wdiv, cstride, blocks):
@@ -785,7 +811,8 @@ def conv2d_forward(x, w, b, spec):
     wpk = _packed(w, plan.wbase, plan.wdiv, cgrs, plan.blocks)
     out = np.empty(spec.out_shape, dtype=spec.dtype)
     oh, ow = spec.out_hw
-    _correlate(src, plan.offs, wpk, plan.blocks, b, out, plan.grid.gw, oh, ow, local=plan.local)
+    _correlate(src, plan.offs, wpk, plan.blocks, b, out, plan.grid.gw, oh, ow, local=plan.local,
+               work_ns=_work_ns(spec))
     return out
 
 
@@ -802,10 +829,11 @@ def _depthwise_backward(g, x, w, spec, need_input, need_weight, need_bias):
     part_w = np.empty((n, c, r * s) if need_weight else (1, 1, 1), dtype=spec.dtype)
     part_b = np.empty((n, c) if need_bias else (1, 1), dtype=spec.dtype)
     # offsets of group (channel) 0 are those of every plane, relative to its start
-    _depthwise_backward_nchw(x, g, ph.offs[0], wpk, dx, xoffs[0], uniq, part_w, part_b,
-                             (need_input, need_weight, need_bias),
-                             (ggrid.pt, ggrid.pl, ggrid.hq, xgrid.pt, xgrid.pl, xgrid.hq,
-                              ggrid.gw))
+    args = (x, g, ph.offs[0], wpk, dx, xoffs[0], uniq, part_w, part_b,
+            (need_input, need_weight, need_bias),
+            (ggrid.pt, ggrid.pl, ggrid.hq, xgrid.pt, xgrid.pl, xgrid.hq, ggrid.gw))
+    _parallel.run(_depthwise_backward_nchw, args, n * c,
+                  _work_ns(spec, need_input + need_weight + 0.1))
     return (dx if need_input else None,
             part_w.sum(axis=0).reshape(spec.w_shape) if need_weight else None,
             part_b.sum(axis=0) if need_bias else None)
@@ -832,7 +860,7 @@ def conv2d_backward(g, x, w, spec, need_input, need_weight, need_bias):
         for ph in gplan.phases:
             wpk = _packed(w, ph.wbase, ph.wdiv, r * s, gplan.blocks)
             _correlate(gsrc, ph.offs, wpk, gplan.blocks, None, dx, ggrid.gw, ph.rows, ph.cols,
-                       sh, ph.a, sw, ph.b)
+                       sh, ph.a, sw, ph.b, work_ns=_work_ns(spec, 1 / len(gplan.phases)))
     if need_weight:
         if ggrid is None:
             ggrid = _Grid(0, 0, 1, 1, oh, xgrid.gw)
@@ -843,8 +871,10 @@ def conv2d_backward(g, x, w, spec, need_input, need_weight, need_bias):
         blocks = _blocks(spec.groups, k // spec.groups, KBW)
         n_red = (oh - 1) * ggrid.gw + ow
         dw = np.empty(spec.w_shape, dtype=spec.dtype)
-        _grad_weight_nchw(xsrc, gsrc, offs, uniq, blocks, ggrid.pt * ggrid.gw + ggrid.pl,
-                          ggrid.plane, n_red, dw.reshape(-1), cg * r * s)
+        _parallel.run(_grad_weight_nchw, (xsrc, gsrc, offs, uniq, blocks,
+                                          ggrid.pt * ggrid.gw + ggrid.pl, ggrid.plane, n_red,
+                                          dw.reshape(-1), cg * r * s),
+                      blocks.shape[0] * uniq.shape[0], _work_ns(spec))
     if need_bias:
         db = g.sum(axis=(0, 2, 3))  # NumPy's pairwise sum: memory-bound, deterministic
     return dx, dw, db
@@ -1226,11 +1256,13 @@ def _win_clipped(xf, pb, of, af, want_idx, o, i, j, h, w, kh, kw, sh, sw, ph, pw
         af[o] = arg
 
 
-@njit(parallel=True, cache=NUMBA_CACHE, nogil=True)
-def _pool_forward_nchw(x, out, idx, want_idx, kh, kw, sh, sw, ph, pw, dh, dw):
-    """Parallel over (n, c) planes."""
-    for nc in prange(x.shape[0] * x.shape[1]):
-        _pool_plane(int64(nc), x, out, idx, want_idx, kh, kw, sh, sw, ph, pw, dh, dw)
+@njit(cache=NUMBA_CACHE, nogil=True)
+def _pool_forward_nchw(x, out, idx, want_idx, kh, kw, sh, sw, ph, pw, dh, dw, counter):
+    """(n, c) planes claimed from counter."""
+    nc = _claim(counter)
+    while nc < x.shape[0] * x.shape[1]:
+        _pool_plane(nc, x, out, idx, want_idx, kh, kw, sh, sw, ph, pw, dh, dw)
+        nc = _claim(counter)
 
 
 @njit(cache=NUMBA_CACHE, nogil=True)
@@ -1280,13 +1312,15 @@ def _pool_plane(nc, x, out, idx, want_idx, kh, kw, sh, sw, ph, pw, dh, dw):
             _win_any(xf, pb, of, af, want_idx, rb, n_in, usw, udw, rstep, o0, kh, kw, best, arg)
 
 
-@njit(parallel=True, cache=NUMBA_CACHE, nogil=True)
-def _pool_backward_nchw(g, idx, dx):
-    """Parallel over (n, c) planes: zero the plane (while it is in cache), then add each output
-    gradient at its index, in output order (so overlapping windows, and any index shared by
-    several outputs, add deterministically)."""
-    for nc in prange(g.shape[0] * g.shape[1]):
-        _pool_backward_plane(int64(nc), g, idx, dx)
+@njit(cache=NUMBA_CACHE, nogil=True)
+def _pool_backward_nchw(g, idx, dx, counter):
+    """(n, c) planes claimed from counter: zero the plane (while it is in cache), then add each
+    output gradient at its index, in output order (so overlapping windows, and any index
+    shared by several outputs, add deterministically)."""
+    nc = _claim(counter)
+    while nc < g.shape[0] * g.shape[1]:
+        _pool_backward_plane(nc, g, idx, dx)
+        nc = _claim(counter)
 
 
 @njit(cache=NUMBA_CACHE, nogil=True)
@@ -1308,14 +1342,22 @@ def _pool_args(spec):
     return (*spec.kernel, *spec.stride, *spec.padding, *spec.dilation)
 
 
+def _pool_work_ns(spec):
+    """Single-thread time estimate: about a nanosecond per window tap and output."""
+    n, c = spec.x_shape[:2]
+    return n * c * spec.out_hw[0] * spec.out_hw[1] * (spec.kernel[0] * spec.kernel[1] + 2)
+
+
 def max_pool2d_forward(x, spec, return_indices):
     out = np.empty(spec.out_shape, dtype=spec.dtype)
     idx = np.empty(spec.out_shape if return_indices else (1, 1, 1, 1), dtype=np.int64)
-    _pool_forward_nchw(x, out, idx, return_indices, *_pool_args(spec))
+    _parallel.run(_pool_forward_nchw, (x, out, idx, return_indices, *_pool_args(spec)),
+                  spec.x_shape[0] * spec.x_shape[1], _pool_work_ns(spec))
     return out, (idx if return_indices else None)
 
 
 def max_pool2d_backward(g, idx, spec):
     dx = np.empty(spec.x_shape, dtype=spec.dtype)
-    _pool_backward_nchw(g, idx, dx)
+    _parallel.run(_pool_backward_nchw, (g, idx, dx), spec.x_shape[0] * spec.x_shape[1],
+                  _pool_work_ns(spec))
     return dx

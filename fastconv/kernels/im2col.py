@@ -18,7 +18,7 @@ GEMM's N dimension, the columns of group ``g`` form the matrix ``cols_g`` of sha
 
 The column matrix is never built whole. Its columns are cut into tiles of ``tile_rows`` output
 rows (``tile_rows*OW`` columns, a buffer of about ``TILE_BYTES``, spanning images where the
-images are small), and one OpenMP region hands the tiles to the threads: each thread unfolds a
+images are small), and fastconv's thread pool hands the tiles to the threads: each unfolds a
 tile into its own buffer and multiplies it at once with one single-threaded BLAS ``gemm`` per
 group, while the tile is still in its cache. For every product the BLAS call is given the memory
 order it reads without copying: the tile is a column-major ``(T, Cg*R*S)`` operand, the weights
@@ -28,21 +28,21 @@ a column-major ``(Cg*R*S, Kg)`` one (both plain reshapes, no transposed copy), a
 grad-weight and grad-input read it there directly ("direct", one GEMM per image a tile
 touches). A 1x1 convolution with stride 1 and no padding needs no unfold at all: the input
 planes ``x[n, c0:c1, rows]`` are the columns, read in place, and grad-input's GEMM writes the
-planes of ``dx`` directly (no col2im). Where tiles span many small images and the weights are large (keras-c2), one GEMM
-per tile is cheaper than one per image (each call packs the weights), and the tile's product
+planes of ``dx`` directly (no col2im). Where tiles span many small images and the weights are
+large (keras-c2), one GEMM per tile is cheaper than one per image (each call packs the weights),
+and the tile's product
 (forward) or grad-output (grad-weight) goes through a ``K x T`` staging buffer instead.
 
 Why tiles rather than one ``(Kg x Cg*R*S) @ (Cg*R*S x N*P)`` call per group: the whole column
 matrix is ``R*S/stride**2`` times the input (58 MB for vgg-256 in float32), is written to and
-read back from memory, is page-faulted in on every call, and its ``im2col`` / ``col2im`` run on
-OpenMP's thread pool right before / after the GEMM runs on BLAS's: on a machine with as many
-cores as threads, each pool's idle threads spin while the other pool works, which doubled the
-time of both in our measurements (see benchmarks/RESULTS.md, "im2col in detail"). One parallel region with
-per-thread GEMMs has one pool, no big buffer and cache-hot operands.
+read back from memory, is page-faulted in on every call, and its ``im2col`` / ``col2im`` would
+run on one thread pool right before / after the GEMM runs on BLAS's, each pool's idle threads
+competing with the other's. Per-thread GEMMs on tiles have one pool, no big buffer and
+cache-hot operands.
 
 Parallelism and determinism
 ---------------------------
-* forward: tiles handed out dynamically; each tile writes its own outputs.
+* forward: tiles claimed dynamically from the call's counter; each writes its own outputs.
 * grad-weight: the tiles are cut into ``N_SLABS`` contiguous slabs (fewer if there are fewer
   tiles); each slab sums its tiles in order into its own ``K x Cg*R*S`` accumulator and the
   accumulators are added in slab order. The result depends on the tiling only, not on the
@@ -52,17 +52,19 @@ Parallelism and determinism
 * max-pool: ``(n, c)`` planes; backward adds overlapping windows in a fixed order per plane.
 
 So every result is bit-identical run after run. The kernels' results depend on the tiling
-only, never on the schedule or the number of threads running them; `plan` derives the tiling from
-the problem and the thread count (enough tiles per thread), so a different thread count may
-change the last bits of conv results (not of max-pool's).
+only, never on the schedule or the threads running them; `plan` derives the tiling from the
+problem and ``fastconv.get_num_threads()`` (enough tiles per thread), so a different thread
+count may change the last bits of conv results (not of max-pool's).
 
 Threads and BLAS
 ----------------
-The OpenMP team has ``fastconv.get_num_threads()`` threads (``_im2col.get_max_threads()``).
-While the conv kernels run with more than one, every BLAS library in the process is held at one
-thread (`serial_blas`, reference-counted across concurrent calls) and put back afterwards: a
-BLAS that threads itself inside each of our threads would oversubscribe the cores. Other code
-calling BLAS from other Python threads during a conv call runs single-threaded for that time.
+fastconv's pool runs the kernels (`fastconv.kernels._parallel.run`, which keeps small problems
+on the calling thread). Every GEMM they make is single-threaded: a BLAS that threads itself
+inside each of our threads would oversubscribe the cores, and the results would depend on its
+threading. So the BLAS they call, SciPy's, is held at one thread around every call
+(`serial_blas`, reference-counted across concurrent calls). NumPy's BLAS is a separate library
+in the NumPy and SciPy wheels and is never touched; other code calling SciPy's BLAS from other
+Python threads meanwhile runs single-threaded.
 
 Memory
 ------
@@ -72,7 +74,7 @@ a tile and ``e`` the item size:
 * forward: ``t * (Cg*R*S + K) * T * e`` (``t * Cg*R*S * T * e`` when direct), i.e. about
   ``t * TILE_BYTES``, independent of the batch size (the classic method's column buffer is
   ``Cg*R*S * N*P * e``: 58 MB for vgg-256 in float32, against 2 x 1 MB here).
-* backward: grad-weight ``(n_slabs - 1) * K*Cg*R*S * e + t * (Cg*R*S + K) * T * e``, then
+* backward: grad-weight ``n_slabs * K*Cg*R*S * e + t * (Cg*R*S + K) * T * e``, then
   grad-input ``t * (cb*R*S * ib*P + Kg * ib*P) * e`` for blocks of ``cb`` channels and ``ib``
   images (about ``DX_BLOCK_BYTES`` each), allocated one after the other, never together.
 * max-pool: none beyond the output (and indices).
@@ -81,12 +83,11 @@ a tile and ``e`` the item size:
 from __future__ import annotations
 
 import contextlib
-import functools
 import threading
 
 import numpy as np
 
-from . import _im2col, _pool
+from . import _im2col, _parallel, _pool
 
 __all__ = [
     "unsupported",
@@ -96,6 +97,7 @@ __all__ = [
     "max_pool2d_backward",
     "serial_blas",
     "plan",
+    "geometry",
 ]
 
 #: Target size of one thread's column tile (forward, grad-weight), in bytes.
@@ -117,52 +119,32 @@ N_SLABS = 8
 # BLAS threads
 
 
-@functools.cache
-def _blas_libraries():
-    import threadpoolctl
-
-    return tuple(threadpoolctl.ThreadpoolController().select(user_api="blas").lib_controllers)
-
-
 _blas_lock = threading.Lock()
 _blas_users = 0
-_blas_saved: tuple = ()
+_blas_saved = None
 
 
 @contextlib.contextmanager
-def serial_blas(active=True):
-    """Hold every BLAS library of the process at one thread inside the block.
+def serial_blas():
+    """Hold the BLAS the kernels call (SciPy's) at one thread inside the block.
 
-    Reference-counted: with concurrent blocks, the first to enter saves the thread counts and
-    the last to leave restores them. ``active=False`` makes it a no-op.
+    Reference-counted: with concurrent blocks, the first to enter saves the thread count and
+    the last to leave restores it. NumPy's BLAS, a separate library, is never touched.
     """
     global _blas_users, _blas_saved
-    if not active:
-        yield
-        return
     with _blas_lock:
         if _blas_users == 0:
-            saved = []
-            for lib in _blas_libraries():
-                n = lib.get_num_threads()
-                if n is not None and n != 1:
-                    lib.set_num_threads(1)
-                    saved.append((lib, n))
-            _blas_saved = tuple(saved)
+            _blas_saved = _im2col.blas_threads()
+            if _blas_saved not in (None, 1):
+                _im2col.set_blas_threads(1)
         _blas_users += 1
     try:
         yield
     finally:
         with _blas_lock:
             _blas_users -= 1
-            if _blas_users == 0:
-                for lib, n in _blas_saved:
-                    lib.set_num_threads(n)
-                _blas_saved = ()
-
-
-def _threads():
-    return max(1, int(_im2col.get_max_threads()))
+            if _blas_users == 0 and _blas_saved not in (None, 1):
+                _im2col.set_blas_threads(_blas_saved)
 
 
 def unsupported(spec):
@@ -189,7 +171,7 @@ def _cdiv(a, b):
 def plan(spec, n_threads=None):
     """The tiling the kernels use for ``spec``: a dict of tile_rows, n_slabs, direct,
     chan_block, img_block and n_threads (see the module docstring)."""
-    t = _threads() if n_threads is None else n_threads
+    t = _parallel.count if n_threads is None else n_threads
     n, c, _, _ = spec.x_shape
     k, cg, r, s = spec.w_shape
     oh, ow = spec.out_hw
@@ -229,62 +211,62 @@ def _pointwise(spec):
             and spec.padding == ((0, 0), (0, 0)))
 
 
-def _geometry(spec):
-    k, _, r, s = spec.w_shape
-    (pt, _), (pl, _) = spec.padding
-    return (r, s, *spec.stride, pt, pl, *spec.dilation, spec.groups)
+def geometry(spec, kernel=None):
+    """The kernels' `Geom` tuple for a conv spec, or for a pool spec with its ``kernel``."""
+    n, c, h, w = spec.x_shape
+    if kernel is None:
+        k, _, r, s = spec.w_shape
+        (pt, _), (pl, _) = spec.padding
+        groups = spec.groups
+    else:
+        k, (r, s), (pt, pl), groups = c, kernel, spec.padding, 1
+    return (n, c, h, w, k, r, s, *spec.stride, pt, pl, *spec.dilation, *spec.out_hw, groups)
 
 
-def _times(p, times):
-    """A per-thread (n_threads, 3) float64 timing array for the kernel, or None."""
-    return None if times is None else np.zeros((p["n_threads"], 3))
+def _work_ns(spec, passes=1):
+    """Single-thread time estimate of ``passes`` conv-sized GEMM passes (about 25 GFLOP/s)."""
+    return passes * spec.flops // 25
 
 
 # ---------------------------------------------------------------------------------------------
 # conv2d
 
 
-def conv2d_forward(x, w, b, spec, *, times=None):
-    """conv2d by im2col + GEMM. ``times``, a dict, receives the seconds spent unfolding, in
-    GEMMs and storing (summed over threads) under "im2col", "gemm", "store"."""
+def conv2d_forward(x, w, b, spec):
+    """conv2d by im2col + GEMM on tiles (see the module docstring)."""
     p = plan(spec)
     k = spec.w_shape[0]
     out = np.empty(spec.out_shape, dtype=spec.dtype)
-    tt = _times(p, times)
-    with serial_blas(p["n_threads"] > 1):
-        _im2col.conv_forward(x, w.reshape(k, -1), b, out, *_geometry(spec), p["tile_rows"],
-                             p["n_threads"], direct=p["direct"], times=tt)
-    if tt is not None:
-        times.update(zip(("im2col", "gemm", "store"), tt.sum(axis=0).tolist()))
+    n_tiles = _cdiv(spec.x_shape[0] * spec.out_hw[0], p["tile_rows"])
+    args = (x, w.reshape(k, -1), b, out, geometry(spec), p["tile_rows"], p["direct"])
+    with serial_blas():
+        _parallel.run(_im2col.conv_forward, args, n_tiles, _work_ns(spec))
     return out
 
 
-def conv2d_backward(g, x, w, spec, need_input, need_weight, need_bias, *, times=None):
-    """Gradients by GEMMs on tiles (see the module docstring). ``times``, a dict, receives the
-    seconds (summed over threads) under "dw.im2col", "dw.gemm", "dw.gather", "dx.gemm",
-    "dx.col2im"."""
+def conv2d_backward(g, x, w, spec, need_input, need_weight, need_bias):
+    """Gradients by GEMMs on tiles (see the module docstring)."""
     p = plan(spec)
     k = spec.w_shape[0]
     dx = dw = db = None
-    t1 = _times(p, times)
-    t2 = _times(p, times)
-    with serial_blas(p["n_threads"] > 1 and (need_input or need_weight)):
-        if need_weight:
-            dw = np.empty(spec.w_shape, dtype=spec.dtype)
-            _im2col.conv_backward_weight(g, x, dw.reshape(k, -1), *_geometry(spec),
-                                         p["tile_rows"], p["n_slabs"], p["n_threads"],
-                                         direct=p["direct"], times=t1)
-        if need_input:
-            dx = np.empty(spec.x_shape, dtype=spec.dtype)
-            _im2col.conv_backward_input(g, w.reshape(k, -1), dx, *_geometry(spec),
-                                        p["chan_block"], p["img_block"], p["n_threads"],
-                                        times=t2)
+    geo = geometry(spec)
+    if need_weight:
+        slabs = np.empty((p["n_slabs"], k, w[0].size), dtype=spec.dtype)
+        with serial_blas():
+            _parallel.run(_im2col.conv_backward_weight,
+                          (g, x, slabs, geo, p["tile_rows"], p["direct"]), p["n_slabs"],
+                          _work_ns(spec))
+        dw = np.add.reduce(slabs, axis=0).reshape(spec.w_shape)  # in slab order
+    if need_input:
+        dx = np.empty(spec.x_shape, dtype=spec.dtype)
+        n, cg = spec.x_shape[0], spec.w_shape[1]
+        units = _cdiv(n, p["img_block"]) * spec.groups * _cdiv(cg, p["chan_block"])
+        with serial_blas():
+            _parallel.run(_im2col.conv_backward_input,
+                          (g, w.reshape(k, -1), dx, geo, p["chan_block"], p["img_block"]),
+                          units, _work_ns(spec))
     if need_bias:
-        n = spec.x_shape[0]
-        db = g.reshape(n, k, -1).sum(axis=2).sum(axis=0)
-    if times is not None:
-        times.update(zip(("dw.im2col", "dw.gemm", "dw.gather"), t1.sum(axis=0).tolist()))
-        times.update(zip(("dx.gemm", "dx.col2im"), t2.sum(axis=0)[1:].tolist()))
+        db = g.reshape(spec.x_shape[0], k, -1).sum(axis=2).sum(axis=0)
     return dx, dw, db
 
 
@@ -292,15 +274,23 @@ def conv2d_backward(g, x, w, spec, need_input, need_weight, need_bias, *, times=
 # max-pool
 
 
+def _pool_work_ns(spec):
+    """Single-thread time estimate: about a nanosecond per window tap and output."""
+    n, c = spec.x_shape[:2]
+    return n * c * spec.out_hw[0] * spec.out_hw[1] * (spec.kernel[0] * spec.kernel[1] + 2)
+
+
 def max_pool2d_forward(x, spec, return_indices):
     out = np.empty(spec.out_shape, dtype=spec.dtype)
     idx = np.empty(spec.out_shape, dtype=np.int64) if return_indices else None
-    _pool.max_pool_forward(x, out, idx, *spec.kernel, *spec.stride, *spec.padding,
-                           *spec.dilation)
+    planes = spec.x_shape[0] * spec.x_shape[1]
+    _parallel.run(_pool.max_pool_forward, (x, out, idx, geometry(spec, spec.kernel)), planes,
+                 _pool_work_ns(spec))
     return out, idx
 
 
 def max_pool2d_backward(g, idx, spec):
     dx = np.empty(spec.x_shape, dtype=spec.dtype)
-    _pool.max_pool_backward(g, idx, dx)
+    planes = spec.x_shape[0] * spec.x_shape[1]
+    _parallel.run(_pool.max_pool_backward, (g, idx, dx), planes, _pool_work_ns(spec))
     return dx
