@@ -1063,8 +1063,57 @@ def add_arguments(p: argparse.ArgumentParser):
                    help="comma list of JSON files written by --json: print, plot and write "
                         "their results together instead of timing (e.g. a CPU run and a GPU "
                         "run side by side)")
+    p.add_argument("--nets", metavar="NAMES", nargs="?", const="all",
+                   help="time whole training steps of small nets instead of single calls: "
+                        "fastconv's layers against the same net on NumPy im2col layers, "
+                        "Cython im2col + np.dot (CS231n) and PyTorch; optionally a comma list "
+                        "of " + ", ".join(_nets_names()))
+    p.add_argument("--net-steps", type=int, default=20, metavar="N",
+                   help="timed consecutive steps per net and implementation (default 20)")
+    p.add_argument("--no-nets", action="store_true",
+                   help="skip the short whole-net summary after the table")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--list", action="store_true", help="list shapes and methods, then exit")
+
+
+def _nets_names():
+    from . import _nets
+
+    return list(_nets.NETS)
+
+
+def _run_nets(args):
+    from . import _nets
+
+    names = list(_nets.NETS) if args.nets == "all" else _split(args.nets)
+    unknown = set(names) - set(_nets.NETS)
+    if unknown:
+        raise SystemExit(f"--nets: {', '.join(sorted(unknown))} not among "
+                         f"{', '.join(_nets.NETS)}")
+    if args.threads:
+        raise SystemExit("--nets compares the default thread count with one thread; "
+                         "--threads does not apply")
+    say = None if args.no_progress else (lambda what: print(f"  timing {what} ...",
+                                                            file=sys.stderr))
+    results = _nets.measure(names, steps=args.net_steps, progress=say)
+    print(_nets.format_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": machine_summary(None), "nets": [r.as_dict() for r in results]},
+                      f, indent=1)
+    return 0
+
+
+def _nets_summary(steps):
+    """The book's SimpleConvNet, fastconv against its NumPy twin: the default run's last
+    lines."""
+    from . import _nets
+
+    results = _nets.measure(["simpleconvnet"], impls=("fastconv", "numpy"), steps=steps,
+                            warmup=2, one_thread=False)
+    print()
+    print(_nets.format_table(results))
+    print("(more nets, one thread against all, and PyTorch: python -m fastconv bench --nets)")
 
 
 def load_results(paths):
@@ -1119,6 +1168,8 @@ def main(args) -> int:
     if args.list:
         _list()
         return 0
+    if args.nets:
+        return _run_nets(args)
     if args.plot:
         import importlib.util
 
@@ -1183,6 +1234,8 @@ def main(args) -> int:
     meta = machine_summary(threads)
     meta["seconds"] = round(elapsed, 1)
     status = _output(args, results, meta, threads)
+    if not args.no_nets and args.markdown != "-" and args.device != "gpu":
+        _nets_summary(5 if quick else 10)
     if args.save_policy is not None:
         from . import _autotune
 

@@ -14,13 +14,29 @@ import threading
 
 import numpy as np
 
-__all__ = ["run", "team_size", "MIN_PARALLEL_NS"]
+__all__ = ["run", "team_size", "conv_work_ns", "pool_work_ns", "MIN_PARALLEL_NS"]
 
 #: Work (estimated single-thread nanoseconds) below which a kernel runs on the calling thread:
 #: a few hand-offs' worth (measured: benchmarks/RESULTS.md, "Threads").
 MIN_PARALLEL_NS = 200_000
 
 count = 1  # set by fastconv._threads at import and by set_num_threads
+
+
+def conv_work_ns(spec, share=1.0):
+    """Single-thread time estimate of ``share`` of a conv pass (about 25 GFLOP/s a core)."""
+    return int(share * spec.flops / 25)
+
+
+def pool_work_ns(spec, backward=False):
+    """Single-thread time estimate of a max-pool, as the hand-off sees it: memory-bound pools
+    gain from a second thread only when large (measured: tools/thread_sweep.py), so this is an
+    eighth of the forward's time per window tap, and less backward."""
+    n, c = spec.x_shape[:2]
+    outputs = n * c * spec.out_hw[0] * spec.out_hw[1]
+    if backward:
+        return (n * c * spec.x_shape[2] * spec.x_shape[3] + outputs) // 16
+    return outputs * (spec.kernel[0] * spec.kernel[1] + 2) // 8
 
 
 

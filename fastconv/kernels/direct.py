@@ -789,11 +789,6 @@ def _correlate(src, offs, wpk, blocks, bias, out, gw, nvr, nvc, ys=1, yo=0, xs=1
                   n_img * _cdiv(nvr, rows) * parts, work_ns)
 
 
-def _work_ns(spec, share=1.0):
-    """Single-thread time estimate of a conv pass (about 25 GFLOP/s on one core)."""
-    return int(share * spec.flops / 25)
-
-
 def _packed(w, wbase, wdiv, cstride, blocks):
     wpk = np.empty((blocks.shape[0], wbase.shape[1], TAPS, KB), dtype=w.dtype)
     _pack_weights(w.reshape(-1), wbase, wdiv, cstride, blocks, wpk)
@@ -812,7 +807,7 @@ def conv2d_forward(x, w, b, spec):
     out = np.empty(spec.out_shape, dtype=spec.dtype)
     oh, ow = spec.out_hw
     _correlate(src, plan.offs, wpk, plan.blocks, b, out, plan.grid.gw, oh, ow, local=plan.local,
-               work_ns=_work_ns(spec))
+               work_ns=_parallel.conv_work_ns(spec))
     return out
 
 
@@ -833,7 +828,7 @@ def _depthwise_backward(g, x, w, spec, need_input, need_weight, need_bias):
             (need_input, need_weight, need_bias),
             (ggrid.pt, ggrid.pl, ggrid.hq, xgrid.pt, xgrid.pl, xgrid.hq, ggrid.gw))
     _parallel.run(_depthwise_backward_nchw, args, n * c,
-                  _work_ns(spec, need_input + need_weight + 0.1))
+                  _parallel.conv_work_ns(spec, need_input + need_weight + 0.1))
     return (dx if need_input else None,
             part_w.sum(axis=0).reshape(spec.w_shape) if need_weight else None,
             part_b.sum(axis=0) if need_bias else None)
@@ -860,7 +855,8 @@ def conv2d_backward(g, x, w, spec, need_input, need_weight, need_bias):
         for ph in gplan.phases:
             wpk = _packed(w, ph.wbase, ph.wdiv, r * s, gplan.blocks)
             _correlate(gsrc, ph.offs, wpk, gplan.blocks, None, dx, ggrid.gw, ph.rows, ph.cols,
-                       sh, ph.a, sw, ph.b, work_ns=_work_ns(spec, 1 / len(gplan.phases)))
+                       sh, ph.a, sw, ph.b,
+                       work_ns=_parallel.conv_work_ns(spec, 1 / len(gplan.phases)))
     if need_weight:
         if ggrid is None:
             ggrid = _Grid(0, 0, 1, 1, oh, xgrid.gw)
@@ -874,7 +870,7 @@ def conv2d_backward(g, x, w, spec, need_input, need_weight, need_bias):
         _parallel.run(_grad_weight_nchw, (xsrc, gsrc, offs, uniq, blocks,
                                           ggrid.pt * ggrid.gw + ggrid.pl, ggrid.plane, n_red,
                                           dw.reshape(-1), cg * r * s),
-                      blocks.shape[0] * uniq.shape[0], _work_ns(spec))
+                      blocks.shape[0] * uniq.shape[0], _parallel.conv_work_ns(spec))
     if need_bias:
         db = g.sum(axis=(0, 2, 3))  # NumPy's pairwise sum: memory-bound, deterministic
     return dx, dw, db
@@ -1342,22 +1338,16 @@ def _pool_args(spec):
     return (*spec.kernel, *spec.stride, *spec.padding, *spec.dilation)
 
 
-def _pool_work_ns(spec):
-    """Single-thread time estimate: about a nanosecond per window tap and output."""
-    n, c = spec.x_shape[:2]
-    return n * c * spec.out_hw[0] * spec.out_hw[1] * (spec.kernel[0] * spec.kernel[1] + 2)
-
-
 def max_pool2d_forward(x, spec, return_indices):
     out = np.empty(spec.out_shape, dtype=spec.dtype)
     idx = np.empty(spec.out_shape if return_indices else (1, 1, 1, 1), dtype=np.int64)
     _parallel.run(_pool_forward_nchw, (x, out, idx, return_indices, *_pool_args(spec)),
-                  spec.x_shape[0] * spec.x_shape[1], _pool_work_ns(spec))
+                  spec.x_shape[0] * spec.x_shape[1], _parallel.pool_work_ns(spec))
     return out, (idx if return_indices else None)
 
 
 def max_pool2d_backward(g, idx, spec):
     dx = np.empty(spec.x_shape, dtype=spec.dtype)
     _parallel.run(_pool_backward_nchw, (g, idx, dx), spec.x_shape[0] * spec.x_shape[1],
-                  _pool_work_ns(spec))
+                  _parallel.pool_work_ns(spec, backward=True))
     return dx

@@ -223,11 +223,6 @@ def geometry(spec, kernel=None):
     return (n, c, h, w, k, r, s, *spec.stride, pt, pl, *spec.dilation, *spec.out_hw, groups)
 
 
-def _work_ns(spec, passes=1):
-    """Single-thread time estimate of ``passes`` conv-sized GEMM passes (about 25 GFLOP/s)."""
-    return passes * spec.flops // 25
-
-
 # ---------------------------------------------------------------------------------------------
 # conv2d
 
@@ -240,7 +235,7 @@ def conv2d_forward(x, w, b, spec):
     n_tiles = _cdiv(spec.x_shape[0] * spec.out_hw[0], p["tile_rows"])
     args = (x, w.reshape(k, -1), b, out, geometry(spec), p["tile_rows"], p["direct"])
     with serial_blas():
-        _parallel.run(_im2col.conv_forward, args, n_tiles, _work_ns(spec))
+        _parallel.run(_im2col.conv_forward, args, n_tiles, _parallel.conv_work_ns(spec))
     return out
 
 
@@ -255,7 +250,7 @@ def conv2d_backward(g, x, w, spec, need_input, need_weight, need_bias):
         with serial_blas():
             _parallel.run(_im2col.conv_backward_weight,
                           (g, x, slabs, geo, p["tile_rows"], p["direct"]), p["n_slabs"],
-                          _work_ns(spec))
+                          _parallel.conv_work_ns(spec))
         dw = np.add.reduce(slabs, axis=0).reshape(spec.w_shape)  # in slab order
     if need_input:
         dx = np.empty(spec.x_shape, dtype=spec.dtype)
@@ -264,7 +259,7 @@ def conv2d_backward(g, x, w, spec, need_input, need_weight, need_bias):
         with serial_blas():
             _parallel.run(_im2col.conv_backward_input,
                           (g, w.reshape(k, -1), dx, geo, p["chan_block"], p["img_block"]),
-                          units, _work_ns(spec))
+                          units, _parallel.conv_work_ns(spec))
     if need_bias:
         db = g.reshape(spec.x_shape[0], k, -1).sum(axis=2).sum(axis=0)
     return dx, dw, db
@@ -274,23 +269,18 @@ def conv2d_backward(g, x, w, spec, need_input, need_weight, need_bias):
 # max-pool
 
 
-def _pool_work_ns(spec):
-    """Single-thread time estimate: about a nanosecond per window tap and output."""
-    n, c = spec.x_shape[:2]
-    return n * c * spec.out_hw[0] * spec.out_hw[1] * (spec.kernel[0] * spec.kernel[1] + 2)
-
-
 def max_pool2d_forward(x, spec, return_indices):
     out = np.empty(spec.out_shape, dtype=spec.dtype)
     idx = np.empty(spec.out_shape, dtype=np.int64) if return_indices else None
     planes = spec.x_shape[0] * spec.x_shape[1]
     _parallel.run(_pool.max_pool_forward, (x, out, idx, geometry(spec, spec.kernel)), planes,
-                 _pool_work_ns(spec))
+                 _parallel.pool_work_ns(spec))
     return out, idx
 
 
 def max_pool2d_backward(g, idx, spec):
     dx = np.empty(spec.x_shape, dtype=spec.dtype)
     planes = spec.x_shape[0] * spec.x_shape[1]
-    _parallel.run(_pool.max_pool_backward, (g, idx, dx), planes, _pool_work_ns(spec))
+    _parallel.run(_pool.max_pool_backward, (g, idx, dx), planes,
+                  _parallel.pool_work_ns(spec, backward=True))
     return dx
