@@ -30,7 +30,8 @@ import warnings
 import pytest
 
 import fastconv as fc
-from fastconv import _peers, _registry, bench
+from fastconv import _registry, bench
+from fastconv.bench import peers as _peers
 from fastconv.bench import Entry, Problem
 
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
@@ -54,8 +55,8 @@ def entries(fc_op, op):
     plain ``pytest`` reports only "--benchmark-skip active" for them."""
     params = []
     gpu_known = False
-    for m in _registry.known(fc_op):
-        impl = _registry._REGISTRY[fc_op, m]
+    for impl in _registry.implementations(fc_op):
+        m = impl.method
         if impl.device == "cuda":
             gpu_known = True
             params.append(pytest.param(Entry(m, "fastconv", "gpu"), id=f"{m}-device"))
@@ -78,7 +79,7 @@ def entries(fc_op, op):
 def _skip_reason(fc_op, entry):
     reason = None
     if entry.kind == "fastconv":
-        reason = _registry._REGISTRY[fc_op, entry.method].unavailable()
+        reason = _registry.implementation(fc_op, entry.method).unavailable()
     if reason is None and entry.device.startswith("gpu"):
         reason = _gpu_reason()
     return reason.split(" (set NUMBA_ENABLE_CUDASIM")[0] if reason else None
@@ -165,7 +166,7 @@ def _run(benchmark, op, shape, dtype, entry):
         pytest.skip(f"{entry.method}{where}: {reason}")
     n_threads = threads()
     if entry.kind == "fastconv":
-        impl = _registry._REGISTRY[problem.fc_op, entry.method]
+        impl = _registry.implementation(problem.fc_op, entry.method)
         if not impl.supports(problem.spec(on_device=entry.device == "gpu")):
             pytest.skip(f"{entry.method} does not support {shape.name}")
     if entry.kind == "peer":

@@ -11,7 +11,7 @@ import importlib.util
 
 import pytest
 
-from fastconv import _nets
+from fastconv.bench import nets as _nets
 
 STEPS = 20
 

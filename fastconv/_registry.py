@@ -1,4 +1,4 @@
-"""The one registry of algorithms: (op, method) -> implementation, availability, the "auto" policy.
+"""The one registry of algorithms: (op, method) -> implementation, availability and limits.
 
 Implementations are named as ``"module:function"`` strings and imported on first use, so that
 ``import fastconv`` stays cheap and a method whose backend is missing (no compiled core, no GPU)
@@ -9,19 +9,26 @@ fails only when it is asked for. Every kernel entry point has one of these signa
                              -> (grad_input, grad_weight, grad_bias), None where not needed
     max_pool2d           fn(x, spec, return_indices) -> (out, indices or None)
     max_pool2d_backward  fn(grad_out, indices, spec) -> grad_input
+
+Readers (bench, info, tests) use the read API: `implementations`, `describe`, `known`,
+`methods`, `missing`, `candidates`. "auto" is `resolve(op, "auto", spec)`: the policy of
+fastconv._policy over `candidates`, remembered per problem.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
 import warnings
 from typing import Callable, NamedTuple
 
-from . import _autotune
+from . import _policy
+from .kernels import _parallel
 
-__all__ = ["BackendUnavailableError", "register", "resolve", "methods", "OPS"]
+__all__ = ["BackendUnavailableError", "register", "resolve", "methods", "known",
+           "implementations", "implementation", "describe", "candidates", "missing", "OPS"]
 
 OPS = ("conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward")
 
@@ -31,6 +38,8 @@ class BackendUnavailableError(RuntimeError):
 
 
 class Impl(NamedTuple):
+    """One registered implementation (read-only)."""
+
     op: str
     method: str
     target: str  # "package.module:function"
@@ -54,25 +63,54 @@ def _load(target):
 
 
 _REGISTRY: dict[tuple[str, str], Impl] = {}
-_generation = 0  # bumped by register(): auto's remembered choices are made again
+_memo: dict = {}  # auto's choices: (op, spec, threads, auto state) -> Impl
+
+
+def _changed():
+    _memo.clear()
 
 
 def register(op, method, target, *, device="cpu", unavailable=lambda: None,
              unsupported=lambda spec: None, priority=0):
-    """Add an implementation of ``op`` under the name ``method``.
+    """Add (or replace) an implementation of ``op`` under the name ``method``.
 
     ``unavailable()`` says why the method cannot run on this machine (None when it can);
     ``unsupported(spec)`` why it cannot run this problem (None when it can): every limit an
     implementation has belongs there, so that "auto" never picks a method that then refuses.
     Either may name a ``"module:function"`` target, imported when first called.
     """
-    global _generation
     assert op in OPS, op
-    _generation += 1
     _REGISTRY[op, method] = Impl(
         op, method, target, device, functools.cache(_lazy(unavailable)), _lazy(unsupported),
         priority,
     )
+    _changed()
+
+
+def unregister(op, method) -> None:
+    """Remove an implementation (KeyError if there is none)."""
+    del _REGISTRY[op, method]
+    _changed()
+
+
+@contextlib.contextmanager
+def scoped():
+    """Undo every registration made inside the block (tests, experiments)."""
+    saved = dict(_REGISTRY)
+    try:
+        yield
+    finally:
+        _REGISTRY.clear()
+        _REGISTRY.update(saved)
+        _changed()
+
+
+def reprobe() -> None:
+    """Ask every availability probe again (their answers are kept: the machine rarely
+    changes; tests that fake a GPU's absence do)."""
+    for impl in _REGISTRY.values():
+        impl.unavailable.cache_clear()
+    _changed()
 
 
 def _lazy(fn):
@@ -81,50 +119,69 @@ def _lazy(fn):
     return lambda *args: _load(fn)(*args)
 
 
+def implementations(op=None) -> tuple[Impl, ...]:
+    """The registered implementations (of ``op``, or of every op), in registration order."""
+    return tuple(i for (o, _), i in _REGISTRY.items() if op is None or o == op)
+
+
+def implementation(op, method) -> Impl:
+    """The implementation registered as ``method`` for ``op`` (ValueError if there is none)."""
+    check_method(op, method)
+    return _REGISTRY[op, method]
+
+
+def describe(method, op=None) -> dict:
+    """What the registry knows of ``method``: per op, its device, priority and availability."""
+    out = {}
+    for impl in implementations(op):
+        if impl.method == method:
+            reason = impl.unavailable()
+            out[impl.op] = {"device": impl.device, "priority": impl.priority,
+                            "target": impl.target, "usable": reason is None, "reason": reason}
+    if not out:
+        raise ValueError(f"method={method!r} is not one of {known(op)}")
+    return out
+
+
 def known(op=None):
     """Registered method names (usable here or not), in registration order."""
-    return tuple(dict.fromkeys(m for o, m in _REGISTRY if op is None or o == op))
+    return tuple(dict.fromkeys(i.method for i in implementations(op)))
 
 
 def methods(op=None):
     """The method names usable on this machine: for ``op``, or, without it, those whose every
     registered op is usable."""
     if op is not None:
-        return tuple(m for (o, m), impl in _REGISTRY.items()
-                     if o == op and impl.unavailable() is None)
-    broken = {m for (_, m), impl in _REGISTRY.items() if impl.unavailable() is not None}
+        return tuple(i.method for i in implementations(op) if i.unavailable() is None)
+    broken = {i.method for i in implementations() if i.unavailable() is not None}
     return tuple(m for m in known() if m not in broken)
 
 
 def missing(device="cpu"):
     """(method, reason) for each method of ``device`` that cannot run some op here."""
     out = {}
-    for (_, m), impl in _REGISTRY.items():
+    for impl in implementations():
         reason = impl.unavailable() if impl.device == device else None
         if reason is not None:
-            out.setdefault(m, reason)
+            out.setdefault(impl.method, reason)
     return list(out.items())
 
 
 def candidates(op, spec):
     """Implementations that can run ``spec`` here, on the spec's side (host or device)."""
     device = "cuda" if spec.on_device else "cpu"
-    return [
-        impl for (o, _), impl in _REGISTRY.items()
-        if o == op and impl.device == device and impl.unavailable() is None and impl.supports(spec)
-    ]
-
-
-_auto_memo: dict = {}
+    return [impl for impl in implementations(op)
+            if impl.device == device and impl.unavailable() is None and impl.supports(spec)]
 
 
 def _auto(op, spec):
     """The method="auto" choice: always one of `candidates` (usable, right side, supports the
-    problem); which one comes from measured times, see fastconv._autotune. Remembered, since
-    small GPU calls are short enough for a few microseconds to show."""
-    key = (op, spec, _generation, len(_REGISTRY), _autotune.state())
-    impl = _auto_memo.get(key)
-    if impl is not None and _REGISTRY.get((op, impl.method)) is impl:
+    problem); which one, see fastconv._policy. Remembered, since small GPU calls are short
+    enough for a few microseconds to show."""
+    threads = _parallel.count
+    key = (op, spec, threads, _policy.AUTO.state())
+    impl = _memo.get(key)
+    if impl is not None:
         return impl
     ok = candidates(op, spec)
     if not ok:  # only possible for device arrays without a usable CUDA method
@@ -132,10 +189,10 @@ def _auto(op, spec):
             f"no method can run {op} on {'device' if spec.on_device else 'host'} arrays here; "
             "see `python -m fastconv info`"
         )
-    impl = _autotune.choose(op, spec, ok)
-    if len(_auto_memo) > 4096:
-        _auto_memo.clear()
-    _auto_memo[key] = impl
+    impl = _policy.AUTO.choose(op, spec, ok, threads)
+    if len(_memo) > 4096:
+        _memo.clear()
+    _memo[key] = impl
     return impl
 
 
@@ -161,7 +218,7 @@ def resolve(op, method, spec) -> Impl:
     if spec.on_device and impl.device == "cpu":
         raise ValueError(
             f"method={method!r} runs on the CPU but the arrays are on the GPU; use one of "
-            f"{tuple(m for (o, m), i in _REGISTRY.items() if o == op and i.device == 'cuda')} "
+            f"{tuple(i.method for i in implementations(op) if i.device == 'cuda')} "
             "or copy the arrays to the host"
         )
     reason = impl.unsupported(spec)

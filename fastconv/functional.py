@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import NamedTuple
 
 import numpy as np
 
-from . import _registry, _validate
+from . import _policy, _registry, _validate
 
-__all__ = ["conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "Conv2dGrads"]
+__all__ = ["conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "choose_method",
+           "Conv2dGrads"]
 
 
 class Conv2dGrads(NamedTuple):
@@ -212,3 +214,84 @@ def _empty(shape, spec, *, zero=False, dtype=None):
 
         return cuda.to_device(np.zeros(shape, dtype))
     return np.zeros(shape, dtype) if zero else np.empty(shape, dtype)
+
+
+def _kernel_arguments(op, a):
+    """(spec, kernel arguments) for ``op`` from the bound arguments ``a`` of its function."""
+    geometry = (a["stride"], a["padding"], a["dilation"], a["groups"]) if "groups" in a else None
+    if op == "conv2d":
+        x, w, b, spec = _validate.conv2d(a["x"], a["w"], a["b"], *geometry)
+        return spec, (x, w, b, spec)
+    if op == "conv2d_backward":
+        need = tuple(_validate.flag(a[f"need_{n}"], f"need_{n}")
+                     for n in ("input", "weight", "bias"))
+        g, x, w, spec = _validate.conv2d_backward(a["grad_output"], a["x"], a["w"], *geometry)
+        return spec, (g, x, w, spec, *need)
+    pool = (a["kernel_size"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"])
+    if op == "max_pool2d":
+        x, spec = _validate.max_pool2d(a["x"], *pool)
+        return spec, (x, spec, _validate.flag(a["return_indices"], "return_indices"))
+    g, idx, spec = _validate.max_pool2d_backward(a["grad_output"], a["indices"],
+                                                 a["input_shape"], *pool)
+    return spec, (g, idx, spec)
+
+
+_FUNCTIONS = {"conv2d": conv2d, "conv2d_backward": conv2d_backward, "max_pool2d": max_pool2d,
+              "max_pool2d_backward": max_pool2d_backward}
+
+
+def choose_method(op, *args, measure=False, **options):
+    """The method ``method="auto"`` would run for these arguments, as SciPy's
+    ``choose_conv_method``.
+
+    Parameters
+    ----------
+    op : {"conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward"}
+        The function.
+    *args, **options
+        Its arguments, as they would be passed to it (without ``method``).
+    measure : bool
+        Time every method that can run the problem, on these very arrays, instead of
+        predicting from the measured table, and also return the times.
+
+    Returns
+    -------
+    method : str
+        The method's name.
+    times : dict of str to float
+        Only with ``measure=True``: the best of a few calls of each candidate, in seconds.
+
+    Notes
+    -----
+    Without ``measure`` this is exactly auto's choice (a pure function of the problem, the
+    methods usable here and the measured table; see ``python -m fastconv info``). With
+    ``measure`` the fastest measured method is returned; auto itself is unchanged (see
+    `fastconv.autotune` to make it measure).
+
+    Examples
+    --------
+    >>> import numpy as np, fastconv as fc
+    >>> x, w = np.ones((2, 3, 8, 8)), np.ones((4, 3, 3, 3))
+    >>> fc.choose_method("conv2d", x, w, padding=1) in fc.methods("conv2d")
+    True
+    >>> method, times = fc.choose_method("conv2d", x, w, padding=1, measure=True)
+    >>> method == min(times, key=times.get)
+    True
+    """
+    fn = _FUNCTIONS.get(op) if isinstance(op, str) else None
+    if fn is None:
+        raise ValueError(f"op={op!r} is not one of {tuple(_FUNCTIONS)}")
+    if "method" in options:
+        raise TypeError("choose_method() chooses the method: do not pass method=")
+    measure = _validate.flag(measure, "measure")
+    bound = inspect.signature(fn).bind(*args, **options)
+    bound.apply_defaults()
+    spec, kernel_args = _kernel_arguments(op, bound.arguments)
+    impl = _registry.resolve(op, "auto", spec)
+    if not measure:
+        return impl.method
+    cands = _registry.candidates(op, spec)
+    if spec.x_shape[0] == 0:  # nothing to time: kernels never see an empty batch
+        return impl.method, {}
+    times = _policy.time_candidates(op, spec, cands, args=kernel_args)
+    return min(times, key=times.get), times

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import fastconv as fc
-from fastconv import _autotune, _registry, _validate
+from fastconv import _policy, _registry, _validate
 from fastconv.kernels import naive
 from helpers import CONV_CASES
 
@@ -21,39 +21,39 @@ SUITE_LIKE = [  # (x_shape, w_shape, conf): a small and a large problem, and a d
 ]
 
 
+AUTO = _policy.AUTO
+
+
 @pytest.fixture(autouse=True)
 def fresh_state():
-    """Each test starts from the shipped table, autotuning off, nothing remembered."""
-    saved = (_autotune._tuning.enabled, _autotune._tuning.path)
-    _autotune._tuning.enabled, _autotune._tuning.path = False, None
-    _autotune.set_table([], "empty (test)")
-    _autotune.clear()
-    yield
-    _autotune._tuning.enabled, _autotune._tuning.path = saved
-    _autotune._table.entries = None  # reloaded lazily, from the environment outside the test
-    _autotune.clear()
+    """Each test starts from an empty table, autotuning off, nothing remembered."""
+    with fc.autotune(False):
+        AUTO.set_table([], "empty (test)")
+        AUTO.forget()
+        yield
+    AUTO.set_table(None)  # reloaded lazily, from the environment outside the test
+    AUTO.forget()
+
+
+def tuned_problems():
+    return len(AUTO.tuned)
 
 
 @pytest.fixture
 def fake_methods():
     """Replace the conv2d methods by fakes (thin wrappers over naive) for one test; the
     registry comes back as it was, in its order (error messages list methods in that order)."""
-    saved = dict(_registry._REGISTRY)
-    for key in [k for k in _registry._REGISTRY if k[0] == "conv2d"]:
-        del _registry._REGISTRY[key]
-
     def add(method, *, priority=0, supports=lambda spec: True, unavailable=lambda: None,
             target="fast_conv", device="cpu"):
         _registry.register("conv2d", method, f"{__name__}:{target}", device=device,
                            unavailable=unavailable, priority=priority,
                            unsupported=lambda spec: None if supports(spec) else "not this one")
 
-    try:
+    with _registry.scoped():
+        for impl in _registry.implementations("conv2d"):
+            _registry.unregister("conv2d", impl.method)
         yield add
-    finally:
-        _registry._REGISTRY.clear()
-        _registry._REGISTRY.update(saved)
-        _autotune.clear()
+    AUTO.forget()
 
 
 CALLS = {"fast": 0, "slow": 0}
@@ -77,7 +77,7 @@ def conv_spec(x_shape, w_shape, dtype=np.float64, **conf):
 
 
 def table_entry(spec, times, op="conv2d", threads=None):
-    return _autotune.entry_from_spec(op, spec, times, threads=threads or fc.get_num_threads())
+    return _policy.entry(op, spec, times, threads=threads or fc.get_num_threads())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,7 +115,7 @@ def test_auto_picks_a_usable_method_that_supports_the_problem(use_table):
             names = _registry.known(op)
             entries.append(table_entry(spec, {m: 1.0 + (j - i) % len(names)
                                               for j, m in enumerate(names)}, op=op))
-        _autotune.set_table(entries)
+        AUTO.set_table(entries)
     for op, spec in specs:
         impl = _registry.resolve(op, "auto", spec)
         assert impl in _registry.candidates(op, spec), (op, spec, impl.method)
@@ -130,7 +130,7 @@ def test_auto_never_picks_an_unsupported_or_unavailable_method(fake_methods):
     plain = conv_spec((2, 4, 8, 8), (4, 4, 3, 3))
     grouped = conv_spec((2, 4, 8, 8), (4, 2, 3, 3), groups=2)
     # the table says the fakes are by far the fastest, on both problems
-    _autotune.set_table([table_entry(s, {"fake-nogroups": 1e-6, "fake-missing": 1e-7,
+    AUTO.set_table([table_entry(s, {"fake-nogroups": 1e-6, "fake-missing": 1e-7,
                                          "fake-any": 1.0}) for s in (plain, grouped)])
     assert _registry.resolve("conv2d", "auto", plain).method == "fake-nogroups"
     assert _registry.resolve("conv2d", "auto", grouped).method != "fake-nogroups"
@@ -161,7 +161,7 @@ def test_policy_follows_the_nearest_measured_problem(fake_methods):
     for m in ("fake-a", "fake-b", "fake-c"):
         fake_methods(m)
     small, large = (conv_spec(x, w, **c) for x, w, c in SUITE_LIKE[:2])
-    _autotune.set_table([table_entry(small, {"fake-a": 1.0, "fake-b": 2.0, "fake-c": 3.0}),
+    AUTO.set_table([table_entry(small, {"fake-a": 1.0, "fake-b": 2.0, "fake-c": 3.0}),
                          table_entry(large, {"fake-a": 2.0, "fake-b": 1.0, "fake-c": 30.0})])
     assert _registry.resolve("conv2d", "auto", small).method == "fake-a"
     assert _registry.resolve("conv2d", "auto", large).method == "fake-b"
@@ -171,7 +171,8 @@ def test_policy_follows_the_nearest_measured_problem(fake_methods):
     # the other dtype still finds its nearest shape
     small32 = conv_spec(SUITE_LIKE[0][0], SUITE_LIKE[0][1], np.float32)
     assert _registry.resolve("conv2d", "auto", small32).method == "fake-a"
-    ranking = _autotune.predict("conv2d", large, {"fake-a", "fake-b", "fake-c"})
+    ranking = _policy.rank("conv2d", large, {"fake-a", "fake-b", "fake-c"}, AUTO.table,
+                           fc.get_num_threads())
     assert [m for m, _ in ranking] == ["fake-b", "fake-a", "fake-c"]
 
 
@@ -180,10 +181,10 @@ def test_a_method_the_table_never_measured_wins_only_by_priority(fake_methods):
     fake_methods("fake-measured", priority=5)
     fake_methods("fake-other", priority=7)
     fake_methods("fake-new-low", priority=1)
-    _autotune.set_table([table_entry(spec, {"fake-measured": 1.0, "fake-other": 2.0})])
+    AUTO.set_table([table_entry(spec, {"fake-measured": 1.0, "fake-other": 2.0})])
     assert _registry.resolve("conv2d", "auto", spec).method == "fake-measured"
     fake_methods("fake-new-high", priority=50)
-    _autotune.clear()
+    AUTO.forget()
     assert _registry.resolve("conv2d", "auto", spec).method == "fake-new-high"
 
 
@@ -193,14 +194,14 @@ def test_remembered_choices_follow_the_table_threads_registry_and_tuning(fake_me
     spec = conv_spec(*SUITE_LIKE[0][:2])
     fake_methods("fake-a")
     fake_methods("fake-b")
-    _autotune.set_table([table_entry(spec, {"fake-a": 1.0, "fake-b": 2.0})])
+    AUTO.set_table([table_entry(spec, {"fake-a": 1.0, "fake-b": 2.0})])
     assert _registry.resolve("conv2d", "auto", spec).method == "fake-a"
     assert _registry.resolve("conv2d", "auto", spec).method == "fake-a"
-    _autotune.set_table([table_entry(spec, {"fake-a": 2.0, "fake-b": 1.0})])  # a new table
+    AUTO.set_table([table_entry(spec, {"fake-a": 2.0, "fake-b": 1.0})])  # a new table
     assert _registry.resolve("conv2d", "auto", spec).method == "fake-b"
     two = table_entry(spec, {"fake-a": 1.0, "fake-b": 2.0})
     two["threads"] = 1  # a ranking measured with one thread, for when one thread is set
-    _autotune.set_table([table_entry(spec, {"fake-a": 2.0, "fake-b": 1.0}), two])
+    AUTO.set_table([table_entry(spec, {"fake-a": 2.0, "fake-b": 1.0}), two])
     before = fc.get_num_threads()
     try:
         fc.set_num_threads(1)
@@ -215,10 +216,10 @@ def test_remembered_choices_follow_the_table_threads_registry_and_tuning(fake_me
     fake_methods("fake-b", priority=3)  # the chosen implementation replaced ...
     fake_methods("fake-c", priority=99)  # ... and a new one the table never measured
     assert _registry.resolve("conv2d", "auto", spec).method == "fake-c"
-    n = _autotune._tuning.measurements
+    n = tuned_problems()
     with fc.autotune():  # turning measured mode on is not hidden by the remembered choice
         _registry.resolve("conv2d", "auto", spec)
-        assert _autotune._tuning.measurements == n + 1
+        assert tuned_problems() == n + 1
     assert _registry.resolve("conv2d", "auto", spec).method == "fake-c"
 
 
@@ -235,22 +236,25 @@ def test_table_from_the_user_cache_dir_and_the_environment(tmp_path, monkeypatch
     monkeypatch.delenv("FASTCONV_AUTO_TABLE", raising=False)
     (tmp_path / "auto_table.json").write_text(json.dumps(
         {"entries": [table_entry(spec, {"naive": 1.0})]}))
-    entries, source = _autotune.load_table(force=True)
+    AUTO.set_table(None)
+    entries, source = AUTO.table.entries, AUTO.table.source
     assert len(entries) == 1 and "user cache" in source
     other = tmp_path / "other.json"
     other.write_text(json.dumps([table_entry(spec, {"naive": 1.0}), table_entry(spec, {})]))
     monkeypatch.setenv("FASTCONV_AUTO_TABLE", str(other))
-    entries, source = _autotune.load_table(force=True)
+    AUTO.set_table(None)
+    entries, source = AUTO.table.entries, AUTO.table.source
     assert len(entries) == 1 and "FASTCONV_AUTO_TABLE" in source  # the empty entry is dropped
     other.write_text("{not json")
+    AUTO.set_table(None)
     with pytest.warns(RuntimeWarning, match="ignoring the auto policy table"):
-        _autotune.load_table(force=True)
+        AUTO.table
 
 
 def test_the_shipped_table_is_well_formed():
-    from fastconv import _autotable
-
-    for e in _autotable.ENTRIES:
+    entries, source = _policy.read_table(_policy.SHIPPED_TABLE)
+    assert entries and source
+    for e in entries:
         assert e["op"] in _registry.OPS and e["device"] in ("cpu", "cuda")
         assert e["dtype"] in ("float32", "float64") and e["times"]
         assert all(t > 0 for t in e["times"].values())
@@ -267,19 +271,19 @@ def test_autotune_times_once_then_remembers(fake_methods):
     spec = conv_spec(x.shape, w.shape)
     assert _registry.resolve("conv2d", "auto", spec).method == "fake-slow"
     with fc.autotune(cache=False):
-        before = _autotune._tuning.measurements
+        before = tuned_problems()
         assert _registry.resolve("conv2d", "auto", spec).method == "fake-fast"
-        assert _autotune._tuning.measurements == before + 1
+        assert tuned_problems() == before + 1
         CALLS.update(fast=0, slow=0)
         for _ in range(3):
             y = fc.conv2d(x, w)
-        assert _autotune._tuning.measurements == before + 1  # remembered: no new timing
+        assert tuned_problems() == before + 1  # remembered: no new timing
         assert CALLS == {"fast": 3, "slow": 0}
         np.testing.assert_allclose(y, naive.conv2d_forward(x, w, None, spec))
         # another shape is a new problem
         fc.conv2d(np.ones((1, 3, 9, 9)), w)
-        assert _autotune._tuning.measurements == before + 2
-    assert not _autotune._tuning.enabled  # the with block restored the setting
+        assert tuned_problems() == before + 2
+    assert not AUTO.tuning  # the with block restored the setting
     assert _registry.resolve("conv2d", "auto", spec).method == "fake-slow"
 
 
@@ -294,19 +298,19 @@ def test_autotune_cache_file_is_shared(fake_methods, tmp_path):
     (record,) = data["choices"].values()
     assert record["method"] == "fake-fast" and set(record["times"]) == {"fake-fast", "fake-slow"}
     # a new process (simulated: memory cleared) reads the file instead of timing again
-    _autotune.clear()
-    before = _autotune._tuning.measurements
+    AUTO.forget()
+    CALLS.update(fast=0, slow=0)
     assert _registry.resolve("conv2d", "auto", spec).method == "fake-fast"
-    assert _autotune._tuning.measurements == before
+    assert CALLS["slow"] == 0  # nothing timed: the slow one was never called
     fc.autotune(False)
-    assert not _autotune._tuning.enabled
+    assert not AUTO.tuning
 
 
 def test_autotune_cache_true_uses_the_user_cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTCONV_CACHE_DIR", str(tmp_path))
     with fc.autotune(cache=True):
-        assert _autotune._tuning.path == tmp_path / "autotune.json"
-    assert _autotune._tuning.path is None
+        assert AUTO.tune_path == tmp_path / "autotune.json"
+    assert AUTO.tune_path is None
 
 
 @pytest.mark.parametrize("op", _registry.OPS)
@@ -317,13 +321,13 @@ def test_autotune_runs_every_op_with_the_real_methods(op):
         for spec in specs:
             impl = _registry.resolve(op, "auto", spec)
             assert impl in _registry.candidates(op, spec)
-    cands = {i.method: i for i in _registry.candidates(op, specs[0])}
-    times = _autotune._time_candidates(op, specs[0], cands)
-    assert set(times) == set(cands) and all(t > 0 for t in times.values())
+    cands = _registry.candidates(op, specs[0])
+    times = _policy.time_candidates(op, specs[0], cands)
+    assert set(times) == {i.method for i in cands} and all(t > 0 for t in times.values())
 
 
 def test_environment_turns_autotune_on(tmp_path):
-    code = ("import fastconv._autotune as a; print(a._tuning.enabled, a._tuning.path)")
+    code = ("from fastconv._policy import AUTO; print(AUTO.tuning, AUTO.tune_path)")
     env = dict(os.environ, FASTCONV_AUTOTUNE="1", FASTCONV_AUTOTUNE_CACHE="1",
                FASTCONV_CACHE_DIR=str(tmp_path))
     env["PYTHONPATH"] = os.pathsep.join(
@@ -332,3 +336,73 @@ def test_environment_turns_autotune_on(tmp_path):
                          text=True, timeout=120, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", str(tmp_path / "autotune.json")]
+
+
+# ---------------------------------------------------------------------------------------------
+# the public choice, as SciPy's choose_conv_method
+
+
+def test_choose_method_is_autos_choice_for_every_op():
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((2, 3, 9, 9)), rng.standard_normal((4, 3, 3, 3))
+    y = fc.conv2d(x, w, padding=1)
+    p, i = fc.max_pool2d(x, 2, return_indices=True)
+    calls = {
+        "conv2d": ((x, w), dict(padding=1)),
+        "conv2d_backward": ((np.ones_like(y), x, w), dict(padding=1, need_input=False)),
+        "max_pool2d": ((x, 2), dict(return_indices=True)),
+        "max_pool2d_backward": ((np.ones_like(p), i, x.shape, 2), {}),
+    }
+    specs = {
+        "conv2d": _validate.conv2d(x, w, None, 1, 1, 1, 1)[-1],
+        "conv2d_backward": _validate.conv2d_backward(y, x, w, 1, 1, 1, 1)[-1],
+        "max_pool2d": _validate.max_pool2d(x, 2, None, 0, 1, False)[-1],
+        "max_pool2d_backward": _validate.max_pool2d_backward(p, i, x.shape, 2, None, 0, 1,
+                                                             False)[-1],
+    }
+    for op, (args, opts) in calls.items():
+        chosen = fc.choose_method(op, *args, **opts)
+        assert chosen == _registry.resolve(op, "auto", specs[op]).method
+        method, times = fc.choose_method(op, *args, **opts, measure=True)
+        assert set(times) == {c.method for c in _registry.candidates(op, specs[op])}
+        assert method == min(times, key=times.get) and all(t > 0 for t in times.values())
+
+
+def test_choose_method_measures_on_the_given_arrays(fake_methods):
+    fake_methods("fake-fast", target="fast_conv")
+    fake_methods("fake-slow", target="slow_conv", priority=10**6)  # the policy's choice
+    x, w = np.ones((2, 3, 8, 8)), np.ones((4, 3, 3, 3))
+    assert fc.choose_method("conv2d", x, w) == "fake-slow"
+    method, times = fc.choose_method("conv2d", x, w, measure=True)
+    assert method == "fake-fast" and times["fake-slow"] > times["fake-fast"]
+    assert fc.choose_method("conv2d", x, w) == "fake-slow"  # auto itself is unchanged
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda: fc.choose_method("conv3d", np.ones((1, 1, 3, 3))), ValueError, "op='conv3d'"),
+    (lambda: fc.choose_method("conv2d", np.ones((1, 1, 3, 3)), np.ones((1, 1, 1, 1)),
+                              method="naive"), TypeError, "chooses the method"),
+    (lambda: fc.choose_method("conv2d", np.ones((1, 1, 3, 3)), np.ones((1, 1, 1, 1)),
+                              stride=0), ValueError, "stride must be >= 1"),
+    (lambda: fc.choose_method("conv2d", np.ones((1, 1, 3, 3))), TypeError, "missing"),
+    (lambda: fc.choose_method("conv2d", np.ones((1, 1, 3, 3)), np.ones((1, 1, 1, 1)),
+                              measure="yes"), TypeError, "measure must be a bool"),
+])
+def test_choose_method_errors(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_held_out_shapes_stay_out_of_the_table():
+    from fastconv import bench
+    from fastconv.bench.runner import Result
+
+    names = {s.name for s in bench.HELDOUT_SHAPES}
+    assert names and not names & {s.name for s in bench.CONV_SHAPES + bench.POOL_SHAPES}
+    shipped = {e.get("shape") for e in _policy.read_table(_policy.SHIPPED_TABLE)[0]}
+    assert not names & shipped
+    rows = [Result("conv-fwd", s, "float32", "naive", "fastconv", "cpu", "naive", time=1.0,
+                   ok=True) for s in ("lenet-c1", "held-vgg-128")]
+    assert [e["shape"] for e in bench.policy_entries(rows, threads=2)] == ["lenet-c1"]
+    assert [s.name for s in bench.select_shapes("heldout")] == [s.name for s in
+                                                                bench.HELDOUT_SHAPES]

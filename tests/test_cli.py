@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 import fastconv as fc
-from fastconv import _autotune, _cli, _peers, _registry, bench
+from fastconv import _cli, _info, _policy, _registry, bench
+from fastconv.bench import peers as _peers
+from fastconv.bench import runner
 from helpers import CONV_CASES, ref_max_pool2d, scipy_conv2d, tol
 
 PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(fc.__file__)))
@@ -43,27 +45,27 @@ def test_info_lists_versions_threads_blas_gpu_and_methods(tmp_path):
 
 
 def test_info_json_and_reasons_for_unusable_methods():
-    info = _cli.collect_info()
+    info = _info.collect()
     json.dumps(info)  # plain data
     for op, rows in info["methods"].items():
         assert [m for m, _, _ in rows] == list(_registry.known(op))
         for m, device, state in rows:
-            reason = _registry._REGISTRY[op, m].unavailable()
+            reason = _registry.describe(m, op)[op]["reason"]
             assert state == ("usable" if reason is None else f"unavailable: {reason}")
     assert info["compiled"]["_im2col"].startswith(("built", "not built", "not usable"))
     assert info["cuda"]["gpu"]
 
 
 def test_info_reports_the_cuda_memory_pool(monkeypatch):
-    if "memory pool" not in _cli._cuda_info():
+    if "memory pool" not in _info._cuda_info():
         pytest.skip("numba.cuda cannot be imported here")
     monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", "0")
     monkeypatch.setenv("FASTCONV_CUDA_POOL_MB", "256")
-    assert "up to 256 MiB idle" in _cli._cuda_info()["memory pool"]
+    assert "up to 256 MiB idle" in _info._cuda_info()["memory pool"]
     monkeypatch.setenv("FASTCONV_CUDA_POOL_MB", "0")
-    assert _cli._cuda_info()["memory pool"].startswith("off")
+    assert _info._cuda_info()["memory pool"].startswith("off")
     monkeypatch.setenv("FASTCONV_CUDA_POOL_MB", "lots")
-    assert "misconfigured" in _cli._cuda_info()["memory pool"]
+    assert "misconfigured" in _info._cuda_info()["memory pool"]
 
 
 def test_no_command_prints_help(capsys):
@@ -91,7 +93,7 @@ def test_bench_runs_and_writes_json_plot_markdown(tmp_path):
         methods = {r["method"] for r in rows if r["op"] == op}
         assert {"auto", "numpy"} <= methods
         assert set(m for m in fc.methods(fc_op) if not m.startswith("cuda")) <= methods
-        if bench._has_torch():
+        if runner.has_torch():
             assert "torch" in methods
     assert "scipy" in {r["method"] for r in rows if r["op"] == "conv-fwd"}
     for r in rows:
@@ -115,7 +117,7 @@ def test_bench_device_option_keeps_one_side(tmp_path):
     out = run_cli(["bench", "--shapes", "tiny", "--ops", "conv-fwd", "--dtype", "float64",
                    "--repeat", "1", "--pause", "0", "--no-progress", "--device", "gpu",
                    "--json", "gpu.json"], tmp_path)
-    if bench._real_gpu():
+    if runner.real_gpu():
         assert out.returncode == 0, out.stdout + out.stderr
         rows = json.loads((tmp_path / "gpu.json").read_text())["results"]
         assert rows and all(r["device"].startswith("gpu") for r in rows)
@@ -292,15 +294,15 @@ def test_contenders_and_auto_are_retimed_together(monkeypatch):
         made.append(e.method)
         return (lambda: None), None, None
 
-    monkeypatch.setattr(bench, "_fastconv_or_peer_call", fake_call)
+    monkeypatch.setattr(runner, "_fastconv_or_peer_call", fake_call)
     seen = {}
 
     def fake_together(calls, **kw):
         seen.update(kw, n=len(calls))
         return [0.25 * (i + 1) for i in range(len(calls))], [[0.1]] * len(calls)
 
-    monkeypatch.setattr(bench, "measure_together", fake_together)
-    bench._retime_contenders(p, entries, rows, dict(repeat=None, budget=0.5, slow=2.0))
+    monkeypatch.setattr(runner, "measure_together", fake_together)
+    runner._retime_contenders(p, entries, rows, dict(repeat=None, budget=0.5, slow=2.0))
     assert made == ["a", "b", "c", "auto"] and seen["n"] == 4 and seen["budget"] == 0.5
     assert seen["estimates"] == [1.0, 1.4, 9.0, 3.0]
     assert [r.time for r in rows] == [0.25, 0.5, 0.75, 1.0, 0.5]
@@ -310,7 +312,7 @@ def test_contenders_and_auto_are_retimed_together(monkeypatch):
     rows = [_result("conv-fwd", "a", 1.0), _result("conv-fwd", "b", 1.6),
             _result("conv-fwd", "c", 9.0), _result("conv-fwd", "auto", 1.1, "auto", "a"),
             _result("conv-fwd", "numpy", 0.5, "peer")]
-    bench._retime_contenders(p, entries, rows, dict(repeat=7, budget=0.5, slow=2.0))
+    runner._retime_contenders(p, entries, rows, dict(repeat=7, budget=0.5, slow=2.0))
     assert made == ["a", "auto"] and seen["rounds"] == 7
     assert [r.time for r in rows] == [0.25, 1.6, 9.0, 0.5, 0.5]
 
@@ -349,7 +351,7 @@ def test_auto_report_compares_with_the_fastest_method():
 
 
 def test_saved_policy_drives_auto(tmp_path, monkeypatch):
-    """bench --save-policy writes the table auto reads (JSON and the shipped .py form)."""
+    """bench --save-policy writes the table auto reads, in the shipped table's JSON form."""
     results = []
     for op in bench.OPS:
         shape = "tiny" if op.startswith("conv") else "tiny-pool"
@@ -362,42 +364,41 @@ def test_saved_policy_drives_auto(tmp_path, monkeypatch):
     assert len(entries) == 4
     meta = {"date": "2026-11-22"}
     bench.save_policy(entries, tmp_path / "t.json", meta)
-    bench.save_policy(entries, tmp_path / "t.py", meta)
-    ns = {}
-    exec((tmp_path / "t.py").read_text(), ns)
-    assert ns["ENTRIES"] == json.loads((tmp_path / "t.json").read_text())["entries"]
+    shipped = json.loads(_policy.SHIPPED_TABLE.read_text())
+    written = json.loads((tmp_path / "t.json").read_text())
+    assert set(written) == set(shipped) == {"source", "entries"}
+    assert _policy.read_table(tmp_path / "t.json")[0] == written["entries"]
     monkeypatch.setenv("FASTCONV_AUTO_TABLE", str(tmp_path / "t.json"))
     try:
-        _autotune.load_table(force=True)
+        _policy.AUTO.set_table(None)
         spec = bench.Problem("conv-fwd", bench.SHAPES["tiny"], "float64").spec()
         assert _registry.resolve("conv2d", "auto", spec).method == "naive"
     finally:
-        _autotune._table.entries = None
-        _autotune.clear()
+        monkeypatch.delenv("FASTCONV_AUTO_TABLE")
+        _policy.AUTO.set_table(None)
 
 
 def test_saving_the_policy_merges_with_the_file(tmp_path):
     spec_a = bench.Problem("conv-fwd", bench.SHAPES["tiny"], "float64").spec()
     spec_b = bench.Problem("pool-fwd", bench.SHAPES["tiny-pool"], "float64").spec()
-    a = _autotune.entry_from_spec("conv2d", spec_a, {"naive": 1.0}, threads=2, name="tiny")
-    b = _autotune.entry_from_spec("max_pool2d", spec_b, {"naive": 1.0}, threads=2,
-                                  name="tiny-pool")
-    path = tmp_path / "table.py"
+    a = _policy.entry("conv2d", spec_a, {"naive": 1.0}, threads=2, name="tiny")
+    b = _policy.entry("max_pool2d", spec_b, {"naive": 1.0}, threads=2, name="tiny-pool")
+    path = tmp_path / "table.json"
     bench.save_policy([a, b], path, {"run": 1})
     a2 = dict(a, times={"naive": 2.0})
     bench.save_policy([a2], path, {"run": 2})
-    entries, source = bench.load_policy_file(path)
+    entries, source = _policy.read_table(path)
     assert len(entries) == 2
     assert {e["op"]: e["times"]["naive"] for e in entries} == {"conv2d": 2.0, "max_pool2d": 1.0}
     assert source == [{"run": 1}, {"run": 2}]
     bench.save_policy([a2], path, {"run": 3}, merge=False)
-    assert len(bench.load_policy_file(path)[0]) == 1
+    assert len(_policy.read_table(path)[0]) == 1
 
 
 def test_bench_on_a_fresh_machine_without_torch_tqdm_or_matplotlib(tmp_path, monkeypatch,
                                                                     capsys):
     """No PyTorch, no tqdm, no GPU: the default path still runs and prints plain progress."""
-    monkeypatch.setattr(bench, "_has_torch", lambda: False)
+    monkeypatch.setattr(runner, "has_torch", lambda: False)
     monkeypatch.setitem(sys.modules, "tqdm", None)
     out = tmp_path / "r.json"
     rc = _cli.main(["bench", "--shapes", "tiny", "--ops", "conv-fwd", "--dtype", "float32",

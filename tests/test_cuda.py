@@ -183,9 +183,7 @@ def no_gpu(monkeypatch):
     """numba.cuda finds no GPU and the simulator is off; the availability caches are reset."""
     from numba import cuda
 
-    def clear():
-        for impl in _registry._REGISTRY.values():
-            impl.unavailable.cache_clear()
+    clear = _registry.reprobe
 
     monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", "0")
     monkeypatch.setattr(cuda, "is_available", lambda: False)

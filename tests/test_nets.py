@@ -4,7 +4,7 @@ to the same numbers, and the table reports them."""
 import numpy as np
 import pytest
 
-from fastconv import _nets
+from fastconv.bench import nets as _nets
 
 
 @pytest.mark.parametrize("net", ["digits-quick", "cs231n-3layer"])

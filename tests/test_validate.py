@@ -131,7 +131,7 @@ def test_unavailable_method_raises_backend_error(monkeypatch):
             fc.conv2d(X, W, method="test-missing")
         assert issubclass(fc.BackendUnavailableError, RuntimeError)
     finally:
-        del _registry._REGISTRY["conv2d", "test-missing"]
+        _registry.unregister("conv2d", "test-missing")
 
 
 def test_methods_lists_naive_and_auto_never_comes_up_empty():

@@ -152,7 +152,7 @@ class NumpyConvolution:
         self.W, self.b, self.stride, self.pad = W, b, stride, pad
 
     def forward(self, x):
-        from ._peers import _columns
+        from .peers import _columns
 
         k, _, fh, fw = self.W.shape
         n, _, h, w = x.shape
@@ -166,7 +166,7 @@ class NumpyConvolution:
         return out.reshape(n, self.oh, self.ow, k).transpose(0, 3, 1, 2)
 
     def backward(self, dout):
-        from ._peers import _uncolumns
+        from .peers import _uncolumns
 
         k, _, fh, fw = self.W.shape
         dout = dout.transpose(0, 2, 3, 1).reshape(-1, k)
@@ -185,7 +185,7 @@ class NumpyPooling:
         self.ph, self.pw, self.stride = pool_h, pool_w, stride
 
     def forward(self, x):
-        from ._peers import _columns
+        from .peers import _columns
 
         n, c, h, w = x.shape
         s = self.stride
@@ -198,7 +198,7 @@ class NumpyPooling:
         return out.reshape(n, self.oh, self.ow, c).transpose(0, 3, 1, 2)
 
     def backward(self, dout):
-        from ._peers import _uncolumns
+        from .peers import _uncolumns
 
         dout = dout.transpose(0, 2, 3, 1)
         size = self.ph * self.pw
@@ -224,7 +224,7 @@ class CythonIm2colConvolution:
         return (n, c, h, w, 1, fh, fw, s, s, p, p, 1, 1, oh, ow, 1)
 
     def forward(self, x):
-        from .kernels import _im2col
+        from ..kernels import _im2col
 
         k = self.W.shape[0]
         self.geo = geo = self._geometry(x.shape)
@@ -236,7 +236,7 @@ class CythonIm2colConvolution:
         return out.reshape(k, n, oh, ow).transpose(1, 0, 2, 3)
 
     def backward(self, dout):
-        from .kernels import _im2col
+        from ..kernels import _im2col
 
         k = self.W.shape[0]
         self.db = dout.sum(axis=(0, 2, 3))
@@ -388,7 +388,7 @@ def build(name, impl, seed=0):
     """A trainer of net ``name`` in implementation ``impl``, with a ``step()`` method."""
     net = NETS[name]
     if impl == "fastconv":
-        from .compat.dlfs import Convolution, Pooling
+        from ..compat.dlfs import Convolution, Pooling
 
         return _NumpyTrainer(net, Convolution, Pooling, seed)
     if impl == "numpy":
@@ -430,7 +430,7 @@ def run_isolated(name, impl, steps=20, warmup=3, threads=None, timeout=600):
     """`time_steps` in a fresh Python process: a dict with ``times`` (s), ``loss``, or
     ``error``."""
     args = json.dumps([name, impl, steps, warmup, threads])
-    out = subprocess.run([sys.executable, "-m", "fastconv._nets", args], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "fastconv.bench.nets", args], capture_output=True,
                          text=True, timeout=timeout)
     lines = out.stdout.strip().splitlines()
     if out.returncode != 0 or not lines:
