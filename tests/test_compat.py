@@ -1,10 +1,10 @@
 """fastconv.compat: the book's and the course's layers against references written here.
 
 The references are written from the published formulas, not from the book's or the course's
-code: for "Deep Learning from Scratch", im2col with zero padding (one row per output pixel, the
-receptive field flattened in (C, FH, FW) order), the convolution as ``col @ W.reshape(FN, -1).T +
-b`` and pooling as an argmax over the rows of the reshaped columns; for CS231n, the naive loops
-over output pixels. They compute in float64, as the book and the course do. Inputs have no tied
+code: for "Deep Learning from Scratch", the book's NumPy layers of fastconv.bench.nets (im2col
+with zero padding, one row per output pixel, the receptive field flattened in (C, FH, FW)
+order; the convolution as ``col @ W.reshape(FN, -1).T + b`` and pooling as an argmax over the
+rows of the reshaped columns); for CS231n, the naive loops over output pixels. They compute in float64, as the book and the course do. Inputs have no tied
 maxima (CS231n's fast pooling splits the gradient of a tie; the book and fastconv do not).
 """
 
@@ -12,6 +12,9 @@ import numpy as np
 import pytest
 
 import fastconv.compat.cs231n as cs
+from fastconv.bench.nets import Affine, Relu, SoftmaxWithLoss
+from fastconv.bench.nets import NumpyConvolution as RefConvolution
+from fastconv.bench.nets import NumpyPooling as RefPooling
 from fastconv.compat.dlfs import Convolution, Pooling
 from helpers import tol
 
@@ -31,77 +34,8 @@ def _out(size, k, stride, pad):
 
 
 # ---------------------------------------------------------------------------------------------
-# "Deep Learning from Scratch": references from the formulas
-
-
-def ref_im2col(x, fh, fw, stride, pad):
-    """(N * OH * OW, C * FH * FW): row (n, oy, ox) is the zero-padded field of that output pixel."""
-    n, c, h, w = x.shape
-    oh, ow = _out(h, fh, stride, pad), _out(w, fw, stride, pad)
-    xp = np.zeros((n, c, h + 2 * pad, w + 2 * pad))
-    xp[:, :, pad:pad + h, pad:pad + w] = x
-    col = np.empty((n, oh, ow, c * fh * fw))
-    for oy in range(oh):
-        for ox in range(ow):
-            col[:, oy, ox] = xp[:, :, oy * stride:oy * stride + fh,
-                                ox * stride:ox * stride + fw].reshape(n, -1)
-    return col.reshape(n * oh * ow, -1)
-
-
-def ref_col2im(col, x_shape, fh, fw, stride, pad):
-    """The adjoint of `ref_im2col`: every row is added back onto its field, padding dropped."""
-    n, c, h, w = x_shape
-    oh, ow = _out(h, fh, stride, pad), _out(w, fw, stride, pad)
-    xp = np.zeros((n, c, h + 2 * pad, w + 2 * pad))
-    col = col.reshape(n, oh, ow, c, fh, fw)
-    for oy in range(oh):
-        for ox in range(ow):
-            xp[:, :, oy * stride:oy * stride + fh, ox * stride:ox * stride + fw] += col[:, oy, ox]
-    return xp[:, :, pad:pad + h, pad:pad + w]
-
-
-class RefConvolution:
-    def __init__(self, W, b, stride=1, pad=0):
-        self.W, self.b, self.stride, self.pad = W, b, stride, pad
-
-    def forward(self, x):
-        fn, _, fh, fw = self.W.shape
-        n, _, h, w = x.shape
-        self.x = x
-        self.col = ref_im2col(x, fh, fw, self.stride, self.pad)
-        self.col_W = self.W.reshape(fn, -1).T
-        out = self.col @ self.col_W + self.b
-        oh, ow = _out(h, fh, self.stride, self.pad), _out(w, fw, self.stride, self.pad)
-        return out.reshape(n, oh, ow, fn).transpose(0, 3, 1, 2)
-
-    def backward(self, dout):
-        fn, _, fh, fw = self.W.shape
-        d = dout.transpose(0, 2, 3, 1).reshape(-1, fn)
-        self.db = d.sum(axis=0)
-        self.dW = (self.col.T @ d).T.reshape(self.W.shape)
-        return ref_col2im(d @ self.col_W.T, self.x.shape, fh, fw, self.stride, self.pad)
-
-
-class RefPooling:
-    """The book's pooling from its formulas, with the output size of its im2col (see dlfs)."""
-
-    def __init__(self, pool_h, pool_w, stride=1, pad=0):
-        self.ph, self.pw, self.stride, self.pad = pool_h, pool_w, stride, pad
-
-    def forward(self, x):
-        n, c, h, w = x.shape
-        oh, ow = _out(h, self.ph, self.stride, self.pad), _out(w, self.pw, self.stride, self.pad)
-        col = ref_im2col(x, self.ph, self.pw, self.stride, self.pad).reshape(-1, self.ph * self.pw)
-        self.x, self.arg_max = x, np.argmax(col, axis=1)
-        return col.max(axis=1).reshape(n, oh, ow, c).transpose(0, 3, 1, 2)
-
-    def backward(self, dout):
-        d = dout.transpose(0, 2, 3, 1).reshape(-1)
-        dmax = np.zeros((d.size, self.ph * self.pw))
-        dmax[np.arange(d.size), self.arg_max] = d
-        n, _, oh, ow = dout.shape
-        return ref_col2im(dmax.reshape(n * oh * ow, -1), self.x.shape, self.ph, self.pw,
-                          self.stride, self.pad)
+# "Deep Learning from Scratch": the book's NumPy layers (fastconv.bench.nets, one home for them:
+# NumPy im2col by strided copies, np.dot, col2im; no fastconv kernel) are the references
 
 
 CONV_CONFS = [
@@ -211,45 +145,6 @@ def test_dlfs_pooling_errors():
 # a SimpleConvNet-like net, written here with the book's layer interface
 
 
-class _Relu:
-    def forward(self, x):
-        self.mask = x <= 0
-        out = x.copy()
-        out[self.mask] = 0
-        return out
-
-    def backward(self, dout):
-        dout = dout.copy()
-        dout[self.mask] = 0
-        return dout
-
-
-class _Affine:
-    def __init__(self, W, b):
-        self.W, self.b = W, b
-
-    def forward(self, x):
-        self.shape = x.shape
-        self.x = x.reshape(x.shape[0], -1)
-        return self.x @ self.W + self.b
-
-    def backward(self, dout):
-        self.dW, self.db = self.x.T @ dout, dout.sum(axis=0)
-        return (dout @ self.W.T).reshape(self.shape)
-
-
-class _SoftmaxWithLoss:
-    def forward(self, x, t):
-        e = np.exp(x - x.max(axis=1, keepdims=True))
-        self.y, self.t = e / e.sum(axis=1, keepdims=True), t
-        return -np.mean(np.log(self.y[np.arange(len(t)), t] + 1e-7))
-
-    def backward(self):
-        d = self.y.copy()
-        d[np.arange(len(self.t)), self.t] -= 1
-        return d / len(self.t)
-
-
 class _TinyConvNet:
     """conv -> relu -> pool -> affine -> relu -> affine -> softmax with loss."""
 
@@ -261,9 +156,9 @@ class _TinyConvNet:
             "W3": 0.3 * rng.standard_normal((8, 3)), "b3": 0.1 * rng.standard_normal(3),
         }
         p = self.params
-        self.layers = [conv_cls(p["W1"], p["b1"], 1, 1), _Relu(), pool_cls(2, 2, stride=2),
-                       _Affine(p["W2"], p["b2"]), _Relu(), _Affine(p["W3"], p["b3"])]
-        self.last = _SoftmaxWithLoss()
+        self.layers = [conv_cls(p["W1"], p["b1"], 1, 1), Relu(), pool_cls(2, 2, stride=2),
+                       Affine(p["W2"], p["b2"]), Relu(), Affine(p["W3"], p["b3"])]
+        self.last = SoftmaxWithLoss()
 
     def loss(self, x, t):
         for layer in self.layers:

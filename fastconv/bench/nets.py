@@ -179,19 +179,21 @@ class NumpyConvolution:
 
 
 class NumpyPooling:
-    """The book's Pooling: im2col rows of each window, argmax, col2im of the routed gradient."""
+    """The book's Pooling: im2col rows of each window (zero padding, as its im2col), argmax,
+    col2im of the routed gradient."""
 
-    def __init__(self, pool_h, pool_w, stride=1):
-        self.ph, self.pw, self.stride = pool_h, pool_w, stride
+    def __init__(self, pool_h, pool_w, stride=1, pad=0):
+        self.ph, self.pw, self.stride, self.pad = pool_h, pool_w, stride, pad
 
     def forward(self, x):
         from .peers import _columns
 
         n, c, h, w = x.shape
-        s = self.stride
-        self.oh, self.ow = (h - self.ph) // s + 1, (w - self.pw) // s + 1
+        s, p = self.stride, self.pad
+        self.oh, self.ow = (h + 2 * p - self.ph) // s + 1, (w + 2 * p - self.pw) // s + 1
         self.x_shape = x.shape
-        col = _columns(x, self.ph, self.pw, s, s, 1, 1, self.oh, self.ow)
+        xp = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p))) if p else x
+        col = _columns(xp, self.ph, self.pw, s, s, 1, 1, self.oh, self.ow)
         col = col.reshape(-1, self.ph * self.pw)
         self.arg_max = np.argmax(col, axis=1)
         out = col[np.arange(len(col)), self.arg_max]
@@ -205,8 +207,8 @@ class NumpyPooling:
         dmax = np.zeros((dout.size, size), dout.dtype)
         dmax[np.arange(self.arg_max.size), self.arg_max] = dout.ravel()
         dcol = dmax.reshape(-1, self.x_shape[1] * size)
-        s = self.stride
-        return _uncolumns(dcol, self.x_shape, ((0, 0), (0, 0)), self.ph, self.pw, s, s, 1, 1,
+        s, p = self.stride, self.pad
+        return _uncolumns(dcol, self.x_shape, ((p, p), (p, p)), self.ph, self.pw, s, s, 1, 1,
                           self.oh, self.ow)
 
 
