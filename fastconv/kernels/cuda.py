@@ -34,8 +34,12 @@ cuda-direct
     stages grad_out and input tiles and each thread owns some (c, p, q) taps for KB output
     channels, over a split of the (image, tile) pairs, followed by a fixed-order reduction.
 
-Every result is deterministic: no float atomics anywhere; each sum runs in a fixed order, and
-launch configurations depend only on the problem, not on the GPU model. Kernels are compiled per
+Each sum runs in a fixed order and launch configurations depend only on the problem, not on
+the GPU model, so results are deterministic, with one exception: cuda-direct's max-pool
+backward, after its deterministic gather, adds with ``cuda.atomic.add`` the gradients whose
+index lies in the plane but outside their own window (``_pool_strays_kernel``). max_pool2d
+never returns such indices; a caller's may, and where several of them land on one pixel the
+order of those additions, and so the last bits of that pixel, may vary. Kernels are compiled per
 problem geometry (kernel size, stride, dilation and tile configuration are compile-time
 constants) on first use in a process.
 """
