@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from fastconv.kernels import _devpool
+from fastconv.kernels.cuda import _devpool
 
 
 def test_sizes_round_to_small_and_large_steps():
