@@ -214,16 +214,18 @@ def sweep_gpu(name="vgg-256"):
     """vgg-256 forward with every tile configuration, and the im2col / GEMM split."""
     from numba import cuda
 
-    import fastconv.kernels.cuda as K
+    from fastconv.kernels.cuda import _common
+    from fastconv.kernels.cuda import direct as KD
+    from fastconv.kernels.cuda import im2col as KI
 
     x, w, b, gy, conf = arrays(name)
     xd, wd, bd, gd = (cuda.to_device(a) for a in (x, w, b, gy))
     flops = conv_flops(name)
     rows = []
-    gemm_choice, direct_choice = K._gemm_config, K._direct_config
+    gemm_choice, direct_choice = KI._gemm_config, KD._direct_config
     try:
-        for cfg_name, cfg in K.GEMM_CONFIGS.items():
-            K._gemm_config = lambda m, n, cfg=cfg: cfg
+        for cfg_name, cfg in KI.GEMM_CONFIGS.items():
+            KI._gemm_config = lambda m, n, cfg=cfg: cfg
             t = median_time(lambda: fc.conv2d(xd, wd, bd, **conf, method="cuda-im2col"),
                             cuda.synchronize)
             tb = median_time(lambda: fc.conv2d_backward(gd, xd, wd, **conf,
@@ -231,11 +233,11 @@ def sweep_gpu(name="vgg-256"):
             rows.append(dict(sweep="gemm", config=cfg_name, cfg=cfg, fwd=t, bwd=tb,
                              fwd_tflops=flops / t / 1e12, bwd_tflops=2 * flops / tb / 1e12))
             print(json.dumps(rows[-1]), flush=True)
-        K._gemm_config = gemm_choice
-        for cfg_name, cfg in K.DIRECT_CONFIGS.items():
+        KI._gemm_config = gemm_choice
+        for cfg_name, cfg in KD.DIRECT_CONFIGS.items():
             if cfg_name in ("sim", "depthwise"):
                 continue
-            K._direct_config = lambda hw, kg, cg, forward=False, cfg=cfg: cfg
+            KD._direct_config = lambda hw, kg, cg, forward=False, cfg=cfg: cfg
             t = median_time(lambda: fc.conv2d(xd, wd, bd, **conf, method="cuda-direct"),
                             cuda.synchronize)
             tb = median_time(lambda: fc.conv2d_backward(gd, xd, wd, **conf, need_weight=False,
@@ -245,15 +247,16 @@ def sweep_gpu(name="vgg-256"):
                              fwd_tflops=flops / t / 1e12, bwd_input_tflops=flops / tb / 1e12))
             print(json.dumps(rows[-1]), flush=True)
     finally:
-        K._gemm_config, K._direct_config = gemm_choice, direct_choice
+        KI._gemm_config, KD._direct_config = gemm_choice, direct_choice
     # the two halves of cuda-im2col forward
     n, c, hw, k, r, s, p, g = CONV_SUITE[name]
     spec = fc._validate.conv2d(xd, wd, bd, s, p, 1, g)[3]
     col = cuda.device_array((n, c * r * r, hw * hw), np.float32)
     out = cuda.device_array(spec.out_shape, np.float32)
-    t_unfold = median_time(lambda: K._launch_flat(K._unfold().im2col, col.size, xd, col, 0,
-                                                  *K._unfold_args(spec), hw), cuda.synchronize)
-    t_gemm = median_time(lambda: K._gemm(wd.reshape(1, k, c * r * r), col,
+    t_unfold = median_time(lambda: _common._launch_flat(KI._unfold().im2col, col.size, xd, col,
+                                                        0, *KI._unfold_args(spec), hw),
+                           cuda.synchronize)
+    t_gemm = median_time(lambda: KI._gemm(wd.reshape(1, k, c * r * r), col,
                                          out.reshape(n, k, hw * hw), False, False),
                          cuda.synchronize)
     rows.append(dict(sweep="im2col-split", im2col=t_unfold, gemm=t_gemm,
