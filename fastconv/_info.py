@@ -93,7 +93,7 @@ def _cuda_info():
 
 
 def _pool_info(sim):
-    from .kernels import _devpool
+    from .kernels.cuda import _devpool
 
     try:
         limit = _devpool.limit_from_env()

@@ -318,7 +318,7 @@ def test_gpu_torch_and_cupy_arrays_are_accepted():
 def test_gpu_pool_recycles_a_block_only_once_no_array_uses_it():
     import gc
 
-    from fastconv.kernels import cuda as kc
+    from fastconv.kernels.cuda import _memory as kc
 
     def ptr(d):
         return d.__cuda_array_interface__["data"][0]

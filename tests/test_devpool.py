@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from fastconv.kernels import _devpool
+from fastconv.kernels.cuda import _devpool
 
 
 def test_sizes_round_to_small_and_large_steps():
@@ -52,7 +52,7 @@ def test_limit_from_the_environment(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# the Numba glue (fastconv.kernels.cuda._empty) on a fake context: no driver call is made
+# the Numba glue (fastconv.kernels.cuda._memory._empty) on a fake context: no driver call is made
 
 
 class _FakeContext:
@@ -88,7 +88,7 @@ def fake_gpu(monkeypatch):
         pytest.skip(f"numba.cuda internals not importable: {e}")
     if getattr(driver, "USE_NV_BINDING", False) or os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
         pytest.skip("the fake context speaks the ctypes binding, outside the simulator")
-    from fastconv.kernels import cuda as kc
+    from fastconv.kernels.cuda import _memory as kc
 
     ctx = _FakeContext()
     monkeypatch.setattr(kc, "cuda", numba_cuda)

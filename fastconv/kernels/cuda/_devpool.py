@@ -18,7 +18,7 @@ own (a PyTorch side stream, say) must synchronize that stream before dropping th
 with PyTorch's allocator.
 
 This module holds the bookkeeping only (no CUDA import), so it is tested without a GPU; the
-Numba glue is ``fastconv.kernels.cuda._empty``.
+Numba glue is ``fastconv.kernels.cuda._memory._empty``.
 """
 
 from __future__ import annotations

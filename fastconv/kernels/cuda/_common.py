@@ -1,0 +1,139 @@
+"""What the CUDA modules share: ``numba.cuda`` bound on first use, launch constants and helpers,
+the kernels' geometry arguments, and the elementwise kernels (device copies, grad-bias).
+
+Kernels look ``cuda`` up as a global of the module that defines them. So every module starts
+with ``cuda = None``, and every kernel factory calls ``_cuda(globals())`` before its
+``@cuda.jit``: that binds the module there and leaves ``numba.cuda`` unimported until a kernel
+is first needed.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+cuda = None  # numba.cuda, bound on first use
+
+_TPB = 256  # threads per block of the elementwise kernels
+_TARGET_BLOCKS = 512  # blocks a split-K launch aims for (fixed: results never depend on the GPU)
+_WORKSPACE_ELEMS = 64 * 2**20  # at most this many elements in an im2col / partials buffer
+_SHARED_BYTES = 48 * 1024  # static shared memory a block may use without opting in
+
+
+def _cuda(namespace=None):
+    """``numba.cuda``, imported on first use; also bound as ``cuda`` in ``namespace`` (a module's
+    ``globals()``), where that module's kernels look it up."""
+    global cuda
+    if cuda is None:
+        from numba import cuda as numba_cuda
+
+        cuda = numba_cuda
+    if namespace is not None:
+        namespace["cuda"] = cuda
+    return cuda
+
+
+def _sim():
+    """True under NUMBA_ENABLE_CUDASIM=1 (Python threads, slow: keep launches small there)."""
+    from numba import config
+
+    return bool(config.ENABLE_CUDASIM)
+
+
+def _nbtype(dtype):
+    from numba import from_dtype
+
+    return from_dtype(np.dtype(dtype))
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _pow2(v, cap):
+    return min(cap, 1 << max(0, int(v) - 1).bit_length())
+
+
+def _tiles(hw, th, tw):
+    tiles_w = _cdiv(hw[1], tw)
+    return tiles_w, _cdiv(hw[0], th) * tiles_w
+
+
+def _conv_args(spec):
+    (pt, _), (pl, _) = spec.padding
+    return (*spec.stride, pt, pl, *spec.dilation, spec.groups)
+
+
+def _pool_args(spec):
+    return (*spec.kernel, *spec.stride, *spec.padding, *spec.dilation)
+
+
+def _launch_flat(kernel, total, *args):
+    """Launch a grid-stride kernel over ``total`` items: one thread per item on a GPU."""
+    if _sim():
+        kernel[2, 4](*args)
+    else:
+        kernel[max(1, min(_cdiv(total, _TPB), 2**20)), _TPB](*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# elementwise and reduction kernels shared by the methods
+
+
+@functools.cache
+def _elementwise():
+    _cuda(globals())
+
+    @cuda.jit
+    def copy1(src, dst):
+        for t in range(cuda.grid(1), dst.shape[0], cuda.gridsize(1)):
+            dst[t] = src[t]
+
+    @cuda.jit
+    def copy4(src, dst):
+        d1, d2, d3 = dst.shape[1], dst.shape[2], dst.shape[3]
+        for t in range(cuda.grid(1), dst.size, cuda.gridsize(1)):
+            a = t // (d1 * d2 * d3)
+            r = t - a * (d1 * d2 * d3)
+            b = r // (d2 * d3)
+            r -= b * (d2 * d3)
+            c = r // d3
+            dst[a, b, c, r - c * d3] = src[a, b, c, r - c * d3]
+
+    @cuda.jit
+    def bias_grad(g, db):
+        """db[k] = sum of g[:, k]: a block per channel; thread 0 adds the partial sums in order."""
+        n_batch, k_out, oh, ow = g.shape
+        plane = oh * ow
+        buf = cuda.shared.array(_TPB, np.float64)
+        tid = cuda.threadIdx.x
+        for k in range(cuda.blockIdx.x, k_out, cuda.gridDim.x):
+            acc = 0.0
+            for e in range(tid, n_batch * plane, cuda.blockDim.x):
+                n = e // plane
+                r = e - n * plane
+                i = r // ow
+                acc += g[n, k, i, r - i * ow]
+            buf[tid] = acc
+            cuda.syncthreads()
+            if tid == 0:
+                for t in range(1, cuda.blockDim.x):
+                    acc += buf[t]
+                db[k] = acc
+            cuda.syncthreads()
+
+    return _ns(copy1=copy1, copy4=copy4, bias_grad=bias_grad)
+
+
+def _ns(**kw):
+    import types
+
+    return types.SimpleNamespace(**kw)
+
+
+def _bias_grad(gd, spec, io):
+    db = io.empty(spec.w_shape[0])
+    blocks = min(spec.w_shape[0], 2 if _sim() else 65535)
+    _elementwise().bias_grad[blocks, 4 if _sim() else _TPB](gd, db)
+    return db
