@@ -7,7 +7,7 @@ The net has the shape of the "Deep Learning from Scratch" ``SimpleConvNet``:
 built from ``fastconv.Conv2D`` and ``fastconv.MaxPool2D``. The data are the 1797 8x8 handwritten
 digits bundled with scikit-learn (no download), upscaled to ``--size`` pixels (28 by default, the
 MNIST size the net was drawn for). The same net, from the same initial weights and the same batch
-order, is then trained on plain NumPy im2col layers written below, and the script reports the
+order, is then trained on the book's NumPy im2col layers (fastconv.bench.nets), and the script reports the
 test accuracy and the training time per epoch of both. Finally it draws the learned first-layer
 filters and the feature maps of one test image into ``--out`` (PNG, with matplotlib).
 
@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 
 import fastconv as fc
+from fastconv.bench.nets import Adam as _ListAdam
+from fastconv.bench.nets import Affine, NumpyConvolution, NumpyPooling, Relu, SoftmaxWithLoss
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
 
@@ -55,119 +57,8 @@ def load_data(size, seed=0, test_fraction=0.2):
 
 
 # ---------------------------------------------------------------------------------------------
-# the layers every net shares
-
-
-class Relu:
-    def forward(self, x):
-        self.mask = x <= 0
-        out = x.copy()
-        out[self.mask] = 0
-        return out
-
-    def backward(self, dout):
-        dx = dout.copy()
-        dx[self.mask] = 0
-        return dx
-
-
-class Affine:
-    """``x.reshape(N, -1) @ W + b``; keeps the input shape to give back a matching dx."""
-
-    def __init__(self, W, b):
-        self.W, self.b = W, b
-
-    def forward(self, x):
-        self.shape = x.shape
-        self.x2 = x.reshape(x.shape[0], -1)
-        return self.x2 @ self.W + self.b
-
-    def backward(self, dout):
-        self.dW = self.x2.T @ dout
-        self.db = dout.sum(axis=0)
-        return (dout @ self.W.T).reshape(self.shape)
-
-
-class SoftmaxCrossEntropy:
-    def forward(self, scores, labels):
-        z = scores - scores.max(axis=1, keepdims=True)
-        self.p = np.exp(z)
-        self.p /= self.p.sum(axis=1, keepdims=True)
-        self.labels = labels
-        n = len(labels)
-        return float(-np.mean(np.log(self.p[np.arange(n), labels] + 1e-12)))
-
-    def backward(self):
-        d = self.p.copy()
-        n = len(self.labels)
-        d[np.arange(n), self.labels] -= 1
-        return d / n
-
-
-# ---------------------------------------------------------------------------------------------
-# the reference: conv and pool as im2col + matrix products in plain NumPy
-
-
-def im2col(x, kh, kw, stride, pad):
-    """Rows of ``(N * OH * OW, C * kh * kw)``: one flattened receptive field per output pixel."""
-    n, c = x.shape[:2]
-    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-    win = np.lib.stride_tricks.sliding_window_view(xp, (kh, kw), axis=(2, 3))
-    win = win[:, :, ::stride, ::stride]  # (N, C, OH, OW, kh, kw)
-    oh, ow = win.shape[2:4]
-    return win.transpose(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, c * kh * kw), oh, ow
-
-
-def col2im(cols, x_shape, kh, kw, stride, pad, oh, ow):
-    """The adjoint of `im2col`: add every row back onto the pixels its field covers."""
-    n, c, h, w = x_shape
-    dxp = np.zeros((n, c, h + 2 * pad, w + 2 * pad), cols.dtype)
-    fields = cols.reshape(n, oh, ow, c, kh, kw).transpose(0, 3, 4, 5, 1, 2)
-    for i in range(kh):
-        for j in range(kw):
-            dxp[:, :, i:i + stride * oh:stride, j:j + stride * ow:stride] += fields[:, :, i, j]
-    return dxp[:, :, pad:pad + h, pad:pad + w]
-
-
-class RefConv:
-    def __init__(self, W, b, stride=1, padding=0):
-        self.W, self.b, self.stride, self.pad = W, b, stride, padding
-
-    def forward(self, x):
-        k, _, kh, kw = self.W.shape
-        self.x_shape = x.shape
-        self.cols, oh, ow = im2col(x, kh, kw, self.stride, self.pad)
-        out = self.cols @ self.W.reshape(k, -1).T + self.b
-        return out.reshape(x.shape[0], oh, ow, k).transpose(0, 3, 1, 2)
-
-    def backward(self, dout):
-        k, _, kh, kw = self.W.shape
-        oh, ow = dout.shape[2:]
-        d2 = dout.transpose(0, 2, 3, 1).reshape(-1, k)
-        self.dW = (d2.T @ self.cols).reshape(self.W.shape)
-        self.db = d2.sum(axis=0)
-        dcols = d2 @ self.W.reshape(k, -1)
-        return col2im(dcols, self.x_shape, kh, kw, self.stride, self.pad, oh, ow)
-
-
-class RefMaxPool:
-    def __init__(self, size):
-        self.size = size
-
-    def forward(self, x):
-        n, c, h, w = x.shape
-        s = self.size
-        cols, oh, ow = im2col(x.reshape(n * c, 1, h, w), s, s, s, 0)
-        self.arg = cols.argmax(axis=1)
-        self.shapes = (cols.shape, x.shape, oh, ow)
-        return cols[np.arange(len(cols)), self.arg].reshape(n, c, oh, ow)
-
-    def backward(self, dout):
-        cols_shape, (n, c, h, w), oh, ow = self.shapes
-        s = self.size
-        dcols = np.zeros(cols_shape, dout.dtype)
-        dcols[np.arange(cols_shape[0]), self.arg] = dout.reshape(-1)
-        return col2im(dcols, (n * c, 1, h, w), s, s, s, 0, oh, ow).reshape(n, c, h, w)
+# the layers: the book's NumPy layers (ReLU, affine, softmax with loss; and, for the reference
+# net, its im2col Convolution and Pooling) from fastconv.bench.nets, their one home
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,11 +71,11 @@ class ConvNet:
     def __init__(self, params, conv, pool):
         self.params = params
         self.layers = [
-            conv(params["W1"], params["b1"]), Relu(), pool(2),
+            conv(params["W1"], params["b1"]), Relu(), pool(2, 2, 2),
             Affine(params["W2"], params["b2"]), Relu(),
             Affine(params["W3"], params["b3"]),
         ]
-        self.loss_layer = SoftmaxCrossEntropy()
+        self.loss_layer = SoftmaxWithLoss()
         self.owners = {"1": self.layers[0], "2": self.layers[3], "3": self.layers[5]}
 
     def predict(self, x):
@@ -227,23 +118,11 @@ def init_params(size, dtype, seed, filters=30, kernel=5, hidden=100, classes=10)
     }
 
 
-class Adam:
-    """Adam (Kingma & Ba), updating the parameter arrays in place."""
-
-    def __init__(self, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8):
-        self.lr, self.beta1, self.beta2, self.eps = lr, beta1, beta2, eps
-        self.m, self.v, self.t = {}, {}, 0
+class Adam(_ListAdam):
+    """The book's Adam on a dict of parameters (updated in place)."""
 
     def update(self, params, grads):
-        self.t += 1
-        scale = self.lr * np.sqrt(1 - self.beta2 ** self.t) / (1 - self.beta1 ** self.t)
-        for key, p in params.items():
-            g = grads[key]
-            m = self.m.setdefault(key, np.zeros_like(p))
-            v = self.v.setdefault(key, np.zeros_like(p))
-            m += (1 - self.beta1) * (g - m)
-            v += (1 - self.beta2) * (g * g - v)
-            p -= (scale * m / (np.sqrt(v) + self.eps)).astype(p.dtype)
+        super().update(list(params.values()), [grads[k] for k in params])
 
 
 class PlainBar:
@@ -395,10 +274,11 @@ def main(argv=None):
     def fastconv_net():
         return ConvNet(init_params(args.size, dtype, args.seed),
                        conv=lambda W, b: fc.Conv2D(W, b, method=args.method),
-                       pool=lambda k: fc.MaxPool2D(k, method=args.method))
+                       pool=lambda ph, pw, s: fc.MaxPool2D((ph, pw), s, method=args.method))
 
     def reference_net():
-        return ConvNet(init_params(args.size, dtype, args.seed), conv=RefConv, pool=RefMaxPool)
+        return ConvNet(init_params(args.size, dtype, args.seed), conv=NumpyConvolution,
+                       pool=NumpyPooling)
 
     runs = [("fastconv", f"fastconv (method={args.method!r})", fastconv_net)]
     if not args.no_reference:

@@ -4,14 +4,19 @@ The crossovers set fastconv.kernels._parallel.MIN_PARALLEL_NS and its work estim
 
     python tools/thread_sweep.py
 """
-import numpy as np, time, fastconv as fc
+import numpy as np
+
+import fastconv as fc
+from fastconv.bench import measure
 from fastconv.kernels import _parallel
-def med(f, n=21):
-    f(); ts=[]
-    for _ in range(n):
-        t0=time.perf_counter(); f(); ts.append(time.perf_counter()-t0)
-    return np.median(ts)*1e3
-rng=np.random.default_rng(0)
+
+
+def med(f):
+    """Median milliseconds of ``f()`` (fastconv.bench's timing: warm-up, GC off)."""
+    return 1e3 * measure(f, repeat=21)[0]
+
+
+rng = np.random.default_rng(0)
 print("pool 2x2 fwd+idx, f32 (N,32,24,24); im2col / direct")
 for N in (4, 8, 16, 32, 64, 128):
     x=rng.random((N,32,24,24)).astype(np.float32)

@@ -79,6 +79,11 @@ IMPLS = ("fastconv", "numpy", "cython-im2col", "torch")
 # the NumPy layers every NumPy implementation shares (the book's)
 
 
+def out_size(size, k, stride, pad=0):
+    """The book's output size: ``1 + (size + 2*pad - k) // stride``."""
+    return (size + 2 * pad - k) // stride + 1
+
+
 class Relu:
     def forward(self, x):
         self.mask = x <= 0
@@ -157,7 +162,7 @@ class NumpyConvolution:
         k, _, fh, fw = self.W.shape
         n, _, h, w = x.shape
         s, p = self.stride, self.pad
-        self.oh, self.ow = (h + 2 * p - fh) // s + 1, (w + 2 * p - fw) // s + 1
+        self.oh, self.ow = out_size(h, fh, s, p), out_size(w, fw, s, p)
         self.x_shape = x.shape
         xp = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
         self.col = _columns(xp, fh, fw, s, s, 1, 1, self.oh, self.ow)
@@ -190,7 +195,7 @@ class NumpyPooling:
 
         n, c, h, w = x.shape
         s, p = self.stride, self.pad
-        self.oh, self.ow = (h + 2 * p - self.ph) // s + 1, (w + 2 * p - self.pw) // s + 1
+        self.oh, self.ow = out_size(h, self.ph, s, p), out_size(w, self.pw, s, p)
         self.x_shape = x.shape
         xp = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p))) if p else x
         col = _columns(xp, self.ph, self.pw, s, s, 1, 1, self.oh, self.ow)
@@ -222,7 +227,7 @@ class CythonIm2colConvolution:
         k, _, fh, fw = self.W.shape
         n, c, h, w = shape
         s, p = self.stride, self.pad
-        oh, ow = (h + 2 * p - fh) // s + 1, (w + 2 * p - fw) // s + 1
+        oh, ow = out_size(h, fh, s, p), out_size(w, fw, s, p)
         return (n, c, h, w, 1, fh, fw, s, s, p, p, 1, 1, oh, ow, 1)
 
     def forward(self, x):
@@ -287,10 +292,10 @@ def init_params(net: Net, seed=0):
             fan = c * r * r
             params.append((rng.standard_normal((k, c, r, r)) * np.sqrt(2 / fan),
                            np.zeros(k)))
-            c, h, w = k, (h + 2 * p - r) // s + 1, (w + 2 * p - r) // s + 1
+            c, h, w = k, out_size(h, r, s, p), out_size(w, r, s, p)
         elif layer[0] == "pool":
             _, k, s = layer
-            h, w = (h - k) // s + 1, (w - k) // s + 1
+            h, w = out_size(h, k, s), out_size(w, k, s)
         elif layer[0] == "affine":
             fan = c * h * w
             params.append((rng.standard_normal((fan, layer[1])) * np.sqrt(2 / fan),

@@ -163,8 +163,8 @@ class Problem:
                 self._inputs = (rand(s.x_shape), rand(s.w_shape), rand(s.k))
             elif self.op == "conv-bwd":
                 x, w = rand(s.x_shape), rand(s.w_shape)
-                o = (s.hw + 2 * s.pad - s.r) // s.stride + 1
-                self._inputs = (rand((s.n, s.k, o, o)), x, w)
+                spec = _validate.conv2d(x, w, None, s.stride, s.pad, 1, s.groups)[-1]
+                self._inputs = (rand(spec.out_shape), x, w)
             elif self.op == "pool-fwd":
                 self._inputs = (rand(s.x_shape),)
             else:
