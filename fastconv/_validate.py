@@ -127,8 +127,9 @@ def _resolve_padding(padding, k_eff, size, stride):
     and the stride, needed by the string modes.
     """
     if isinstance(padding, str):
-        if padding not in PADDING_MODES:
-            raise ValueError(f"padding={padding!r} is not one of {PADDING_MODES}")
+        if padding.lower() not in PADDING_MODES:
+            raise ValueError(f"padding={padding!r} is not one of {PADDING_MODES} (in any case)")
+        padding = padding.lower()
         if padding == "valid":
             return ((0, 0), (0, 0))
         if padding == "full":
@@ -261,6 +262,28 @@ def _placement(named):
     return any(where.values())
 
 
+def _layout_hint(x_shape, w_shape, groups, b_shape=None):
+    """A hint when x or the weight look channels-last, as TensorFlow/Keras hold them: x
+    (N, H, W, C), weight (R, S, C // groups, K) (HWIO); a bias with the last axis's length
+    tells too."""
+    _, c, _, c_last = x_shape
+    r, s, cin, k_last = w_shape
+    hwio = r == s and cin * groups in (c, c_last) and (
+        w_shape[1] * groups != cin * groups or b_shape == (k_last,) != (w_shape[0],))
+    nhwc_x = c_last != c and c_last in (w_shape[1] * groups, cin * groups if hwio else -1)
+    if nhwc_x and hwio:
+        return ("; x and the weight look channels-last, (N, H, W, C) and (R, S, C // groups, "
+                "K) as TensorFlow/Keras hold them: pass layout='NHWC', or "
+                "x.transpose(0, 3, 1, 2) and w.transpose(3, 2, 0, 1)")
+    if nhwc_x:
+        return ("; x looks channels-last (N, H, W, C): pass layout='NHWC' or "
+                "x.transpose(0, 3, 1, 2)")
+    if hwio:
+        return (f"; weight of shape {w_shape} looks like (R, S, C // groups, K) as "
+                "TensorFlow/Keras hold it (HWIO): pass w.transpose(3, 2, 0, 1)")
+    return ""
+
+
 def _check_batch_shape(shape, label):
     """An empty batch (N = 0) is allowed; an empty channel or plane dimension is not."""
     if min(shape[1:]) < 1 or shape[0] < 0:
@@ -290,17 +313,19 @@ def _conv_spec(x_shape, w_shape, has_bias, b_shape, stride, padding, dilation, g
     if min(w_shape) < 1:
         raise ValueError(f"weight of shape {w_shape} has an empty dimension")
     _check_batch_shape(x_shape, f"x of shape {x_shape}")
+    hint = _layout_hint(x_shape, w_shape, groups, b_shape if has_bias else None)
     if k % groups:
         raise ValueError(
             f"groups={groups} must divide the output channels, got weight of shape {w_shape}"
-        )
+            + hint)
     if c != cg * groups:
+        divide = f": groups={groups} must divide x's {c} channels" if c % groups else ""
         raise ValueError(
             f"groups={groups} and weight of shape {w_shape} expect x with {cg * groups} "
-            f"channels, got x of shape {x_shape}"
-        )
+            f"channels, got x of shape {x_shape}" + divide + hint)
     if has_bias and b_shape != (k,):
-        raise ValueError(f"b must have shape ({k},) for weight of shape {w_shape}, got {b_shape}")
+        raise ValueError(f"b must have shape ({k},) for weight of shape {w_shape}, got "
+                         f"{b_shape}" + hint)
     k_eff = (dilation[0] * (r - 1) + 1, dilation[1] * (s - 1) + 1)
     pad = _resolve_padding(padding, k_eff, (h, w), stride)
     out_hw = tuple(
@@ -311,6 +336,7 @@ def _conv_spec(x_shape, w_shape, has_bias, b_shape, stride, padding, dilation, g
         raise ValueError(
             f"kernel of shape {w_shape[2:]} with dilation={dilation} spans {k_eff}, larger than "
             f"x of shape {x_shape} with padding={pad}: the output would be empty"
+            + hint
         )
     _check_output_size((n, k, *out_hw), dtype, f"padding={padding!r} and stride={stride}")
     return ConvSpec(

@@ -221,3 +221,32 @@ def test_public_names():
     for name in ["conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "methods",
                  "set_num_threads", "get_num_threads", "BackendUnavailableError"]:
         assert name in fc.__all__ and hasattr(fc, name)
+
+
+@pytest.mark.parametrize("x,w,b,match", [
+    (np.ones((8, 32, 32, 3)), np.ones((16, 3, 3, 3)), None,
+     r"expect x with 3 channels, got x of shape \(8, 32, 32, 3\); x looks channels-last "
+     r"\(N, H, W, C\): pass layout='NHWC' or x.transpose\(0, 3, 1, 2\)"),
+    (np.ones((8, 3, 32, 32)), np.ones((3, 3, 3, 16)), np.ones(16),
+     r"b must have shape \(3,\) for weight of shape \(3, 3, 3, 16\), got \(16,\); weight of "
+     r"shape \(3, 3, 3, 16\) looks like \(R, S, C // groups, K\) .*HWIO"),
+    (np.ones((2, 28, 28, 1)), np.ones((3, 3, 1, 8)), None,
+     r"x and the weight look channels-last, \(N, H, W, C\) and \(R, S, C // groups, K\)"),
+    (np.ones((1, 3, 5, 5)), np.ones((4, 2, 3, 3)), None,
+     r"expect x with 2 channels, got x of shape \(1, 3, 5, 5\)$"),  # no hint: not a layout
+])
+def test_layout_mistakes_get_a_hint(x, w, b, match):
+    with pytest.raises(ValueError, match=match):
+        fc.conv2d(x, w, b)
+
+
+def test_groups_that_do_not_divide_the_channels_say_so():
+    with pytest.raises(ValueError, match=r"expect x with 6 channels, got x of shape "
+                                         r"\(1, 3, 5, 5\): groups=2 must divide x's 3 channels"):
+        fc.conv2d(X, W, groups=2)
+
+
+@pytest.mark.parametrize("mode", ["SAME", "Valid", "FULL"])
+def test_padding_strings_in_any_case(mode):
+    np.testing.assert_array_equal(fc.conv2d(X, W, padding=mode),
+                                  fc.conv2d(X, W, padding=mode.lower()))
