@@ -92,7 +92,11 @@ def shape_id(shape):
 
 
 def cases(op):
-    """(shape, dtype, entry) params, grouped so that one problem's methods run back to back."""
+    """(shape, dtype, entry) params, grouped so that one problem's methods run back to back.
+
+    The values are plain strings (the shape's name, the dtype, the entry's id such as "im2col",
+    "auto", "numpy" or "cuda-direct-device"), so that pytest-benchmark's JSON stores them as
+    they are and ``--benchmark-group-by=param:shape`` reads well."""
     kind = bench.OPS[op][1]
     shapes = [s for s in (bench.CONV_SHAPES if kind == "conv" else bench.POOL_SHAPES)
               if not s.hidden]
@@ -104,9 +108,13 @@ def cases(op):
                 if entry.method == "scipy" and not _peers.scipy_is_small(
                         s.x_shape, s.w_shape, s.groups):
                     continue
-                out.append(pytest.param(s, dt, entry, marks=p.marks,
+                _ENTRIES[p.id] = entry
+                out.append(pytest.param(s.name, dt, p.id, marks=p.marks,
                                         id=f"{shape_id(s)}-{dt}-{p.id}"))
     return out
+
+
+_ENTRIES: dict = {}  # entry id -> Entry, filled by `cases`
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,7 +157,8 @@ def _torch_call(problem, entry, n_threads):
 
 
 def run(benchmark, op, shape, dtype, entry):
-    """Benchmark ``entry`` on (op, shape, dtype) with ``benchmark.pedantic``."""
+    """Benchmark entry (its id) on (op, shape name, dtype) with ``benchmark.pedantic``."""
+    shape, entry = bench.SHAPES[shape], _ENTRIES[entry]
     with warnings.catch_warnings():
         # small grids on a big GPU: true and harmless here; numba-cuda colours the message, so
         # the start of the pattern is left open
@@ -193,6 +202,7 @@ def _run(benchmark, op, shape, dtype, entry):
 
     benchmark.extra_info.update(
         op=op, shape=shape.name, dtype=dtype, method=entry.method, device=entry.device,
+        flops=problem.flops, bytes=problem.nbytes,
         threads=n_threads, max_err=err, **({"chose": chose} if chose else {}))
     benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=0)
     median = benchmark.stats.stats.median

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 __all__ = ["main"]
 
@@ -10,9 +12,13 @@ __all__ = ["main"]
 def _parser():
     from .bench import cli
 
+    from ._version import __version__
+
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     p = argparse.ArgumentParser(
-        prog="python -m fastconv",
+        prog="python -m fastconv" if script in ("", "__main__.py", "-c") else script,
         description="fastconv: fast conv2d and max-pool kernels for NumPy nets.")
+    p.add_argument("--version", action="version", version=f"fastconv {__version__}")
     sub = p.add_subparsers(dest="command", metavar="{bench,info}")
     b = sub.add_parser(
         "bench", help="time every usable method and peer on the shape suite (the main job)",

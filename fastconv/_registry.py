@@ -109,7 +109,7 @@ def reprobe() -> None:
     """Ask every availability probe again (their answers are kept: the machine rarely
     changes; tests that fake a GPU's absence do)."""
     for impl in _REGISTRY.values():
-        impl.unavailable.cache_clear()
+        impl.unavailable.cache_clear()  # type: ignore[attr-defined]  # a functools.cache
     _changed()
 
 
@@ -159,7 +159,7 @@ def methods(op=None):
 
 def missing(device="cpu"):
     """(method, reason) for each method of ``device`` that cannot run some op here."""
-    out = {}
+    out: dict[str, str] = {}
     for impl in implementations():
         reason = impl.unavailable() if impl.device == device else None
         if reason is not None:
@@ -236,9 +236,16 @@ def _cython_missing():
         importlib.import_module("fastconv.kernels._im2col")
         importlib.import_module("fastconv.kernels._pool")
     except ImportError as e:
-        where = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        return (f"the fastconv imported from {where} has no compiled Cython core ({e}); build "
-                f"it with `pip install .` run in the checkout (or `pip install -e .`)")
+        kernels = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
+        try:
+            with open(os.path.join(kernels, "BUILD_FAILED.txt")) as f:
+                return (f"the compiled core could not be built when fastconv was installed "
+                        f"({f.read().strip()}); install a C compiler and reinstall")
+        except OSError:
+            pass
+        return (f"the fastconv imported from {os.path.dirname(os.path.dirname(kernels))} has "
+                f"no compiled Cython core ({e}); build it with `pip install .` run in the "
+                "checkout (or `pip install -e .`)")
     return None
 
 

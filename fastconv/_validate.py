@@ -489,9 +489,8 @@ def _routable(g, indices, spec):
 def empty_windows(spec) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The output rows and columns of a pool whose windows hold no input pixel (every tap in
     the padding): possible with dilation or ``ceil_mode``."""
-    out = []
-    for o, size, k, s, p, d in zip(spec.out_hw, spec.x_shape[2:], spec.kernel, spec.stride,
-                                   spec.padding, spec.dilation):
-        out.append(tuple(i for i in range(o)
-                         if not any(0 <= i * s - p + t * d < size for t in range(k))))
-    return tuple(out)
+    rows, cols = (tuple(i for i in range(o)
+                        if not any(0 <= i * s - p + t * d < size for t in range(k)))
+                  for o, size, k, s, p, d in zip(spec.out_hw, spec.x_shape[2:], spec.kernel,
+                                                 spec.stride, spec.padding, spec.dilation))
+    return rows, cols

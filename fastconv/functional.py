@@ -3,25 +3,38 @@
 from __future__ import annotations
 
 import inspect
-from typing import NamedTuple
+from typing import Any, Callable, Literal, NamedTuple, Optional, Union
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from . import _policy, _registry, _validate
 
 __all__ = ["conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "choose_method",
            "Conv2dGrads"]
 
+#: An int or an (h, w) pair of ints.
+IntPair = Union[int, tuple[int, int]]
+#: What ``padding`` accepts (see `conv2d`).
+Padding = Union[int, tuple[int, int], tuple[tuple[int, int], tuple[int, int]],
+                Literal["valid", "same", "full"], str]
+#: A result: a new float32 or float64 array (a Numba device array when the inputs were on the
+#: GPU, which NumPy's types cannot name).
+FloatArray = NDArray[np.floating[Any]]
+
+
 
 class Conv2dGrads(NamedTuple):
     """Gradients of a conv2d; a field that was not asked for is None."""
 
-    grad_input: object
-    grad_weight: object
-    grad_bias: object
+    grad_input: Optional[FloatArray]
+    grad_weight: Optional[FloatArray]
+    grad_bias: Optional[FloatArray]
 
 
-def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, *, method="auto"):
+def conv2d(x: ArrayLike, w: ArrayLike, b: Optional[ArrayLike] = None, stride: IntPair = 1,
+           padding: Padding = 0, dilation: IntPair = 1, groups: int = 1, *,
+           method: str = "auto") -> FloatArray:
     """2-D cross-correlation of a batch of images with a bank of filters (NCHW).
 
     Computes ``out[n, k] = b[k] + sum_c correlate2d(x[n, g*Cg + c], w[k, c])`` over the ``Cg = C //
@@ -96,8 +109,10 @@ def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, *, method="a
     return impl.fn(x, w, b, spec)
 
 
-def conv2d_backward(grad_output, x, w, stride=1, padding=0, dilation=1, groups=1, *,
-                    method="auto", need_input=True, need_weight=True, need_bias=True):
+def conv2d_backward(grad_output: ArrayLike, x: ArrayLike, w: ArrayLike, stride: IntPair = 1,
+                    padding: Padding = 0, dilation: IntPair = 1, groups: int = 1, *,
+                    method: str = "auto", need_input: bool = True, need_weight: bool = True,
+                    need_bias: bool = True) -> Conv2dGrads:
     """Gradients of `conv2d` with respect to its input, weight and bias.
 
     Parameters
@@ -135,8 +150,10 @@ def conv2d_backward(grad_output, x, w, stride=1, padding=0, dilation=1, groups=1
     return Conv2dGrads(*impl.fn(g, x, w, spec, *need))
 
 
-def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-               return_indices=False, *, method="auto"):
+def max_pool2d(x: ArrayLike, kernel_size: IntPair, stride: Optional[IntPair] = None,
+               padding: IntPair = 0, dilation: IntPair = 1, ceil_mode: bool = False,
+               return_indices: bool = False, *, method: str = "auto"
+               ) -> Union[FloatArray, tuple[FloatArray, NDArray[np.int64]]]:
     """2-D max pooling over the H and W axes of an NCHW batch (PyTorch semantics).
 
     Parameters
@@ -184,8 +201,11 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
     return (out, idx) if return_indices else out
 
 
-def max_pool2d_backward(grad_output, indices, input_shape, kernel_size, stride=None, padding=0,
-                        dilation=1, ceil_mode=False, *, method="auto"):
+def max_pool2d_backward(grad_output: ArrayLike, indices: ArrayLike,
+                        input_shape: tuple[int, int, int, int], kernel_size: IntPair,
+                        stride: Optional[IntPair] = None, padding: IntPair = 0,
+                        dilation: IntPair = 1, ceil_mode: bool = False, *,
+                        method: str = "auto") -> FloatArray:
     """Gradient of `max_pool2d` with respect to its input.
 
     Each output gradient is added at its index (``indices`` from ``max_pool2d(...,
@@ -218,7 +238,8 @@ def _empty(shape, spec, *, zero=False, dtype=None):
 
 def _kernel_arguments(op, a):
     """(spec, kernel arguments) for ``op`` from the bound arguments ``a`` of its function."""
-    geometry = (a["stride"], a["padding"], a["dilation"], a["groups"]) if "groups" in a else None
+    if op in ("conv2d", "conv2d_backward"):
+        geometry = (a["stride"], a["padding"], a["dilation"], a["groups"])
     if op == "conv2d":
         x, w, b, spec = _validate.conv2d(a["x"], a["w"], a["b"], *geometry)
         return spec, (x, w, b, spec)
@@ -236,11 +257,12 @@ def _kernel_arguments(op, a):
     return spec, (g, idx, spec)
 
 
-_FUNCTIONS = {"conv2d": conv2d, "conv2d_backward": conv2d_backward, "max_pool2d": max_pool2d,
+_FUNCTIONS: dict[str, Callable[..., Any]] = {"conv2d": conv2d, "conv2d_backward": conv2d_backward, "max_pool2d": max_pool2d,
               "max_pool2d_backward": max_pool2d_backward}
 
 
-def choose_method(op, *args, measure=False, **options):
+def choose_method(op: str, *args: Any, measure: bool = False,
+                  **options: Any) -> Union[str, tuple[str, dict[str, float]]]:
     """The method ``method="auto"`` would run for these arguments, as SciPy's
     ``choose_conv_method``.
 

@@ -9,15 +9,19 @@ call only `fastconv.conv2d`, `fastconv.conv2d_backward`, `fastconv.max_pool2d` a
 
 from __future__ import annotations
 
+from typing import Any, Optional
+
 import numpy as np
+from numpy.typing import ArrayLike
 
 from . import _registry, _validate
-from .functional import conv2d, conv2d_backward, max_pool2d, max_pool2d_backward
+from .functional import (FloatArray, IntPair, Padding, conv2d, conv2d_backward, max_pool2d,
+                         max_pool2d_backward)
 
 __all__ = ["Conv2D", "MaxPool2D"]
 
 
-def _as_kept(x):
+def _as_kept(x: ArrayLike) -> Any:
     """The input as the layer keeps it: arrays (host or device) as given, anything else asarray."""
     if isinstance(x, np.ndarray) or hasattr(x, "__cuda_array_interface__"):
         return x
@@ -71,7 +75,8 @@ class Conv2D:
     ((2, 4, 8, 8), (2, 3, 8, 8), (4, 3, 3, 3), (4,))
     """
 
-    def __init__(self, w, b, stride=1, padding=0, dilation=1, groups=1, method="auto"):
+    def __init__(self, w: Any, b: Any, stride: IntPair = 1, padding: Padding = 0,
+                 dilation: IntPair = 1, groups: int = 1, method: str = "auto") -> None:
         _validate.conv_options(stride, padding, dilation, groups)
         _registry.check_method("conv2d", method)
         self.W = w
@@ -81,29 +86,30 @@ class Conv2D:
         self.dilation = dilation
         self.groups = groups
         self.method = method
-        self.dW = None
-        self.db = None
-        self.x = None
-        self._w = None  # the weight array the last forward used
+        self.dW: Optional[FloatArray] = None
+        self.db: Optional[FloatArray] = None
+        self.x: Any = None
+        self._w: Any = None  # the weight array the last forward used
 
     def _options(self):
         return dict(stride=self.stride, padding=self.padding, dilation=self.dilation,
                     groups=self.groups, method=self.method)
 
-    def forward(self, x):
+    def forward(self, x: ArrayLike) -> FloatArray:
         """Convolve ``x`` of shape (N, C, H, W); keep ``x`` (not a copy) for `backward`."""
         x = _as_kept(x)
         out = conv2d(x, self.W, self.b, **self._options())
         self.x, self._w = x, self.W
         return out
 
-    def backward(self, dout):
+    def backward(self, dout: ArrayLike) -> FloatArray:
         """Return the gradient with respect to the last input; set ``dW`` and ``db``."""
         if self.x is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before forward")
         g = conv2d_backward(dout, self.x, self._w, **self._options(),
                             need_bias=self.b is not None)
         self.dW, self.db = g.grad_weight, g.grad_bias
+        assert g.grad_input is not None
         return g.grad_input
 
     def __repr__(self):
@@ -154,8 +160,9 @@ class MaxPool2D:
            [0., 1., 0., 1.]])
     """
 
-    def __init__(self, kernel_size, stride=None, padding=0, method="auto", *, dilation=1,
-                 ceil_mode=False):
+    def __init__(self, kernel_size: IntPair, stride: Optional[IntPair] = None,
+                 padding: IntPair = 0, method: str = "auto", *, dilation: IntPair = 1,
+                 ceil_mode: bool = False) -> None:
         _validate.pool_options(kernel_size, stride, padding, dilation, ceil_mode)
         _registry.check_method("max_pool2d", method)
         self.kernel_size = kernel_size
@@ -164,21 +171,21 @@ class MaxPool2D:
         self.method = method
         self.dilation = dilation
         self.ceil_mode = ceil_mode
-        self.x_shape = None
-        self.indices = None
+        self.x_shape: Any = None  # a tuple of 4 ints after forward
+        self.indices: Any = None
 
     def _options(self):
         return dict(stride=self.stride, padding=self.padding, dilation=self.dilation,
                     ceil_mode=self.ceil_mode, method=self.method)
 
-    def forward(self, x):
+    def forward(self, x: ArrayLike) -> FloatArray:
         """Max-pool ``x`` of shape (N, C, H, W); keep the indices of the maxima."""
-        x = _as_kept(x)
-        out, idx = max_pool2d(x, self.kernel_size, return_indices=True, **self._options())
-        self.x_shape, self.indices = tuple(int(d) for d in x.shape), idx
+        kept = _as_kept(x)
+        out, idx = max_pool2d(kept, self.kernel_size, return_indices=True, **self._options())
+        self.x_shape, self.indices = tuple(int(d) for d in kept.shape), idx
         return out
 
-    def backward(self, dout):
+    def backward(self, dout: ArrayLike) -> FloatArray:
         """Return the gradient with respect to the last input."""
         if self.indices is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before forward")

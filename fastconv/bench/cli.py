@@ -8,9 +8,8 @@ import sys
 import time
 
 from .. import _policy, _registry
-from . import nets
-from .report import (format_auto, format_markdown, format_text, load_results, machine_summary,
-                     plot)
+from .report import (LEGEND, format_auto, format_markdown, format_text, load_results,
+                     machine_summary, peer_notes, plot)
 from . import runner
 from .runner import auto_report, policy_entries, real_gpu, run, save_policy
 from .suite import OPS, PEERS, QUICK_SHAPES, SHAPES, Problem, select_shapes
@@ -20,6 +19,8 @@ __all__ = ["add_arguments", "main"]
 
 
 def add_arguments(p: argparse.ArgumentParser):
+    from . import nets  # on demand: `python -m fastconv.bench.nets` must not find it imported
+
     p.add_argument("--quick", action="store_true",
                    help=f"a few shapes ({', '.join(QUICK_SHAPES)}) and short timing: under a "
                         "minute")
@@ -77,6 +78,8 @@ def add_arguments(p: argparse.ArgumentParser):
 
 
 def _run_nets(args):
+    from . import nets
+
     names = list(nets.NETS) if args.nets == "all" else _split(args.nets)
     unknown = set(names) - set(nets.NETS)
     if unknown:
@@ -99,6 +102,8 @@ def _run_nets(args):
 def _nets_summary(steps):
     """The book's SimpleConvNet, fastconv against its NumPy twin: the default run's last
     lines."""
+    from . import nets
+
     results = nets.measure(["simpleconvnet"], impls=("fastconv", "numpy"), steps=steps,
                             warmup=2, one_thread=False)
     print()
@@ -215,12 +220,14 @@ def _output(args, results, meta, threads):
         for m in metas:
             print(f"fastconv bench: {m['machine']}; {m['threads']} threads; BLAS {m['blas']}; "
                   f"GPU {m['gpu']}")
+        print(LEGEND)
         print(format_text(results))
+        for note in peer_notes(results):
+            print(f"({note})")
         print()
         print(format_auto(report))
         took = "".join(f" in {m['seconds']:.0f} s" for m in metas[:1] if m.get("seconds"))
-        print(f"({len(results)} runs{took if len(metas) == 1 else ''}; * fastest on its side; "
-              "max err = max |y - ref| / max(1, max |ref|) against NumPy im2col in float64)")
+        print(f"({len(results)} runs{took if len(metas) == 1 else ''})")
         if args.markdown:
             with open(args.markdown, "w") as f:
                 f.write(format_markdown(results, report, meta))
@@ -229,7 +236,7 @@ def _output(args, results, meta, threads):
             json.dump({"meta": meta, "results": [r.as_dict() for r in results],
                        "auto": report}, f, indent=1)
     if args.plot:
-        plot(results, args.plot, threads)
+        plot(results, args.plot, threads, meta)
     failed = [r for r in results if r.ok is False]
     for r in failed:
         print(f"FAILED: {r.op} {r.shape} {r.dtype} {r.label} ({r.device}): "

@@ -8,6 +8,8 @@ import math
 import shlex
 import sys
 
+import numpy as np
+
 from .runner import Result
 from .suite import OPS, SHAPES
 
@@ -29,8 +31,37 @@ def _fmt(v, spec):
     return "" if v is None else format(v, spec)
 
 
-COLUMNS = ("op", "shape", "dtype", "method", "device", "time", "GFLOP/s", "GB/s", "vs numpy",
-           "vs torch", "max err")
+COLUMNS = ("op", "shape", "dtype", "method", "device", "time", "IQR", "GFLOP/s", "GB/s",
+           "vs numpy", "vs torch", "max err")
+
+#: What the columns mean, printed above the table.
+LEGEND = ("time: median of the timed calls; IQR: their interquartile range, as +-% of the "
+          "median; GFLOP/s (conv) and GB/s (pool: input, output and int64 indices moved) at "
+          "the median; vs numpy, vs torch: that peer's median over this row's (higher is "
+          "faster); max err: max |y - ref| / max(1, max |ref|) against NumPy im2col in "
+          "float64; * fastest on its side (CPU or GPU)")
+
+
+def spread(samples, median):
+    """Half the interquartile range of ``samples``, relative to ``median`` (None if unknown)."""
+    if not samples or not median or len(samples) < 2:
+        return None
+    q1, q3 = np.percentile(samples, [25, 75])
+    return (q3 - q1) / 2 / median
+
+
+def peer_notes(results):
+    """Why a peer column is empty: lines to print under the table."""
+    notes = []
+    cpu = [r for r in results if r.device == "cpu" and r.kind != "peer" and r.time]
+    if cpu and not any(r.method == "torch" and r.time for r in results):
+        why = next((r.note for r in results if r.method == "torch" and r.note), None)
+        notes.append("no 'vs torch' on the CPU: " + (why or "PyTorch is not installed "
+                                                     "(pip install torch adds it as a peer)"))
+    if cpu and not any(r.method == "numpy" and r.time for r in results):
+        notes.append("no 'vs numpy': the NumPy reference was not timed (--no-peers or "
+                     "--methods)")
+    return notes
 
 
 def table_rows(results):
@@ -49,7 +80,9 @@ def table_rows(results):
             err = (err + " FAIL").strip() if r.time else ("error: " + r.note)
         elif r.ok is None and r.note:
             err = "skipped: " + r.note
+        iqr = spread(r.samples, r.time)
         rows.append([r.op, r.shape, r.dtype, r.label + star, r.device, _fmt_time(r.time),
+                     "" if iqr is None else f"+-{100 * iqr:.1f}%",
                      _fmt(r.gflops, ".3g"), _fmt(r.gbps, ".3g"),
                      _fmt(r.speedup_numpy, ".2f") + ("x" if r.speedup_numpy else ""),
                      _fmt(r.speedup_torch, ".2f") + ("x" if r.speedup_torch else ""), err])
@@ -59,7 +92,7 @@ def table_rows(results):
 def format_text(results):
     rows = table_rows(results)
     widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(COLUMNS)]
-    right = {5, 6, 7, 8, 9}
+    right = {5, 6, 7, 8, 9, 10}
 
     def line(cells):
         return "  ".join(c.rjust(w) if i in right else c.ljust(w)
@@ -134,40 +167,91 @@ def format_markdown(results, report, meta):
         out += ["| " + " | ".join(c.replace("|", "\\|") for c in cells[1:]) + " |"
                 for cells in sel]
         out.append("")
-    out += ["```", format_auto(report), "```", ""]
+    out += [LEGEND + ".", ""] + [f"({n})" for n in peer_notes(results)]
+    out += ["", "```", format_auto(report), "```", ""]
     return "\n".join(out)
 
 
-def plot(results, path, threads=None):
-    """Bar charts of GFLOP/s (convolutions) or GB/s (max-pool) per shape and method; CPU and
-    GPU side by side, one row per (op, dtype)."""
+#: One colour per method and peer, the same in every chart (colours of the tab20 map).
+COLORS = {
+    "naive": "#7f7f7f", "im2col": "#1f77b4", "direct": "#2ca02c", "winograd": "#17becf",
+    "auto": "#000000", "cuda-naive": "#c7c7c7", "cuda-im2col": "#aec7e8",
+    "cuda-direct": "#98df8a", "numpy": "#d62728", "scipy": "#9467bd", "torch": "#ff7f0e",
+    "torch-cuda": "#ffbb78",
+}
+
+
+def _color(method):
+    return COLORS.get(method, "#8c564b")
+
+
+def _shape_label(name):
+    from .suite import SHAPES
+
+    s = SHAPES.get(name)
+    if s is None:
+        return name
+    if s.kind == "conv":
+        g = f" g{s.groups}" if s.groups > 1 else ""
+        return (f"{name}\n{s.n}x{s.c}x{s.hw}\nk{s.k} {s.r}x{s.r}"
+                + (f" s{s.stride}" if s.stride > 1 else "") + g)
+    n, c, h, _ = s.x_shape
+    return f"{name}\n{n}x{c}x{h}\n{s.kernel}x{s.kernel} s{s.stride}"
+
+
+def _rate_and_errors(r, conv):
+    """The rate at the median, and its error bar from the samples' interquartile range."""
+    work = r.gflops * r.time if conv else r.gbps * r.time  # GFLOP or GB of one call
+    rate = work / r.time
+    if len(r.samples) < 2:
+        return rate, (0.0, 0.0)
+    q1, q3 = np.percentile(r.samples, [25, 75])
+    return rate, (rate - work / q3, work / q1 - rate)
+
+
+def plot(results, path, threads=None, meta=None):
+    """Charts per (op, dtype): the rate (GFLOP/s for convolutions, GB/s for max-pool) of every
+    method, auto and peer per shape, with interquartile error bars, and the speed-ups over the
+    NumPy reference and over PyTorch; CPU and GPU side by side. Every method keeps its colour
+    (`COLORS`) from chart to chart."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    timed = [r for r in results if r.time and r.kind != "auto" and r.device != "gpu+copy"]
+    timed = [r for r in results if r.time and r.device != "gpu+copy"]
     if not timed:
         raise SystemExit("--plot: nothing was timed")
     panels = list(dict.fromkeys((r.op, r.dtype) for r in timed))
     sides = [side for side, dev in (("CPU", "cpu"), ("GPU", "gpu"))
              if any(r.device == dev for r in timed)]
-    labels = list(dict.fromkeys(r.method for r in timed))
-    cmap = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
-    colors = {m: cmap(i % cmap.N) for i, m in enumerate(labels)}
-    fig, axes = plt.subplots(len(panels), len(sides), squeeze=False,
-                             figsize=(7.5 * len(sides), 3.4 * len(panels)))
+    kinds = ["rate", "x numpy"] + (["x torch"] if any(r.speedup_torch for r in timed) else [])
+    metas = meta if isinstance(meta, list) else [meta] if meta else []
+    machine = {"CPU": next((m["machine"] for m in metas if m.get("threads")), None),
+               "GPU": next((m["gpu"] for m in metas if m.get("gpu") not in (None, "none")),
+                           None)}
+    cols = [(side, kind) for side in sides for kind in kinds]
+    labels = list(dict.fromkeys(r.label.split("→")[0] for r in timed))
+    fig, axes = plt.subplots(len(panels), len(cols), squeeze=False,
+                             figsize=(6.5 * len(cols), 3.9 * len(panels)))
     for row, (op, dtype) in enumerate(panels):
-        for col, side in enumerate(sides):
+        for col, (side, kind) in enumerate(cols):
             ax = axes[row][col]
             rs = [r for r in timed if (r.op, r.dtype) == (op, dtype)
                   and (r.device == "gpu") == (side == "GPU")]
+            if kind != "rate":
+                rs = [r for r in rs if r.kind != "peer" or (kind == "x torch"
+                                                             and r.method == "numpy")]
             shapes = list(dict.fromkeys(r.shape for r in rs))
-            meths = list(dict.fromkeys(r.method for r in rs))
+            meths = list(dict.fromkeys(r.label.split("→")[0] for r in rs))
             conv = op.startswith("conv")
-            title = f"{op} {dtype}, {side}" + (f" ({threads} threads)" if side == "CPU"
-                                               and threads else "")
-            ax.set_title(title, fontsize=10)
+            where = machine[side] or side
+            if side == "CPU" and threads:
+                where += f", {threads} threads"
+            what = {"rate": "GFLOP/s" if conv else "GB/s",
+                    "x numpy": "speed-up over NumPy im2col",
+                    "x torch": "speed-up over PyTorch"}[kind]
+            ax.set_title(f"{op} {dtype}: {what}\n{where}", fontsize=9)
             if not rs:
                 ax.text(0.5, 0.5, "nothing timed", ha="center", va="center",
                         transform=ax.transAxes)
@@ -175,24 +259,39 @@ def plot(results, path, threads=None):
                 continue
             width = 0.8 / len(meths)
             for j, m in enumerate(meths):
-                xs, ys = [], []
-                for i, s in enumerate(shapes):
-                    r = next((r for r in rs if r.shape == s and r.method == m), None)
-                    if r is not None:
-                        xs.append(i - 0.4 + width * (j + 0.5))
-                        ys.append(r.gflops if conv else r.gbps)
-                ax.bar(xs, ys, width, label=m, color=colors[m])
+                xs, ys, lo, hi = [], [], [], []
+                for i, shape in enumerate(shapes):
+                    r = next((r for r in rs if r.shape == shape
+                              and r.label.split("→")[0] == m), None)
+                    if r is None:
+                        continue
+                    if kind == "rate":
+                        y, (e_lo, e_hi) = _rate_and_errors(r, conv)
+                    else:
+                        y = r.speedup_numpy if kind == "x numpy" else r.speedup_torch
+                        e_lo = e_hi = 0.0
+                    if not y:
+                        continue
+                    xs.append(i - 0.4 + width * (j + 0.5))
+                    ys.append(y)
+                    lo.append(e_lo)
+                    hi.append(e_hi)
+                ax.bar(xs, ys, width, label=m, color=_color(m), yerr=[lo, hi],
+                       error_kw=dict(lw=0.8, capsize=1.5, ecolor="#444444"))
             ax.set_yscale("log")
-            ax.set_ylabel("GFLOP/s" if conv else "GB/s")
+            if kind != "rate":
+                ax.axhline(1.0, color="#444444", lw=0.8, ls="--")
+            ax.set_ylabel(what if kind == "rate" else "x (higher is faster)", fontsize=8)
             ax.set_xticks(range(len(shapes)))
-            ax.set_xticklabels(shapes, rotation=25, ha="right", fontsize=8)
+            ax.set_xticklabels([_shape_label(x) for x in shapes], fontsize=7)
             ax.grid(axis="y", which="both", alpha=0.3)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[m]) for m in labels]
-    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 9), fontsize=8,
+    handles = [plt.Rectangle((0, 0), 1, 1, color=_color(m)) for m in labels]
+    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 12), fontsize=8,
                bbox_to_anchor=(0.5, 1.0), frameon=False,
-               title="fastconv bench: higher is better", title_fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 1.0 - 0.8 / fig.get_figheight()))
-    fig.savefig(path, dpi=110)
+               title="fastconv bench (higher is better; error bars: interquartile range)",
+               title_fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 1.0 - 0.9 / fig.get_figheight()))
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

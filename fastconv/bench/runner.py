@@ -12,7 +12,6 @@ from .. import _policy, _registry
 from . import peers as _peers
 from .suite import OPS, SHAPES, Problem, max_error, peer_call
 from .timing import SLOW_CALL, measure, measure_together
-from .worker import TorchWorker
 
 __all__ = ["Entry", "Result", "entries_for", "run", "auto_report", "policy_entries",
            "save_policy", "real_gpu", "CONTENDERS"]
@@ -148,6 +147,8 @@ def run(problems, *, methods=None, exclude=(), repeat=None, budget=1.0, pause=0.
         plan.append((p, entries, skipped))
     if not any(e for _, e, _ in plan):
         return []
+    from .worker import TorchWorker  # on demand: `python -m fastconv.bench.worker` runs it
+
     timing = dict(repeat=repeat, budget=budget, slow=slow)
     bar = _Progress(sum(len(e) for _, e, _ in plan), progress)
     worker = TorchWorker(threads)

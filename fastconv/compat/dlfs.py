@@ -18,6 +18,8 @@ float32 out), and outputs are C-contiguous arrays rather than transposed views.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from .. import _registry, _validate
@@ -133,9 +135,9 @@ class Pooling:
         self.stride = stride
         self.pad = pad
         self.method = method
-        self.x = None
-        self._indices = None  # flat positions of the maxima in the zero-padded plane
-        self._padded_shape = None
+        self.x: Any = None
+        self._indices: Any = None  # flat positions of the maxima in the zero-padded plane
+        self._padded_shape: Any = None
 
     def forward(self, x):
         """Max-pool ``x`` of shape (N, C, H, W) over zero-padded windows."""

@@ -56,6 +56,15 @@ def _settle_cache() -> tuple[bool, str]:
 
 NUMBA_CACHE, _LOCATION = _settle_cache()
 
+_BUILD_NOTE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "BUILD_FAILED.txt")
+if os.path.exists(_BUILD_NOTE):  # written by setup.py when there was no C compiler
+    import warnings
+
+    warnings.warn("fastconv's compiled core was not built when it was installed, so "
+                  "method='im2col' is unavailable (naive and direct work); see `python -m "
+                  "fastconv info`, and reinstall with a C compiler to build it", RuntimeWarning,
+                  stacklevel=2)
+
 
 def numba_cache_location() -> str:
     """Where the Numba kernels' compiled code is cached, in words (for ``info``)."""
