@@ -3,18 +3,19 @@
 Inputs are already validated and converted (see fastconv._validate): C-contiguous arrays of
 ``spec.dtype``. Kernels never look at user input beyond that.
 
-Windows lying fully inside the input run in vector loops over an output row (2x2 and 3x3
-unrolled, other sizes tap by tap); windows touching the -inf padding are clipped one by one, as
-in naive.py. A candidate replaces the running maximum when it is strictly greater (the first
-maximum wins ties) or when it is the first NaN (NaN propagates). Indices are flat positions in
-the unpadded plane. Backward zeroes each grad-input plane and adds the output gradients at
-their indices, in output order, so results do not depend on the thread count.
+Windows lying fully inside the input run in vector loops over an output row (2x2 and 3x3 by
+one row kernel compiled for each size and stride, other sizes tap by tap); windows touching the
+-inf padding are clipped one by one, as in naive.py. A candidate replaces the running maximum
+when it is strictly greater (the first maximum wins ties) or when it is the first NaN (NaN
+propagates). Indices are flat positions in the unpadded plane. Backward zeroes each grad-input
+plane and adds the output gradients at their indices, in output order, so results do not
+depend on the thread count.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import int32, njit, uint64
+from numba import int32, literally, njit, uint64
 
 from . import NUMBA_CACHE, _parallel
 from ._numba import cdiv, claim, wide
@@ -23,305 +24,74 @@ __all__ = ["max_pool2d_forward", "max_pool2d_backward"]
 
 
 @njit(cache=NUMBA_CACHE, nogil=True)
-def _pool_row2(xf, pb, of, af, want_idx, rb, n, sw, rstep, o0):
-    """n 2x2 windows lying fully inside, stride sw (1 or 2) along the row: tap (p, q) of
-    window j is at plane offset rb + j*sw + p*rstep + q (no dilation along rows:
-    neighbouring taps form one interleaved load).
+def _pool_row(xf, pb, of, af, want_idx, rb, n, rstep, o0, size, step):
+    """n size x size windows lying fully inside, stride step along the row: tap (p, q) of
+    window j is at plane offset rb + j*step + p*rstep + q (no dilation along rows: neighbouring
+    taps form one interleaved load).
 
-    The j loops are branch-free and vectorize; a literal stride makes the loads interleaved
-    accesses, not gathers. Values and indices go in separate loops: with three arrays in
-    one loop LLVM's alias checks keep rows shorter than ~32 on the scalar path. The index
-    stays in 32 bits in the loop (the caller checks the plane fits), so 512-bit registers
-    hold 8 lanes of it. Windows go in blocks of 8 and a last block of up to 24 overlaps the
-    ones before (recomputing an output is harmless), so no scalar remainder runs."""
+    size (2 or 3) and step (1 or 2) are compiled in (`literally`: one specialization each), so
+    the tap loops unroll and the j loops are branch-free and vectorize; a literal step makes the
+    loads interleaved accesses, not gathers. Values and indices go in separate loops: with
+    three arrays in one loop LLVM's alias checks keep rows shorter than ~32 on the scalar path.
+    The index stays in 32 bits in the loop (the caller checks the plane fits), so 512-bit
+    registers hold 8 lanes of it. Windows go in blocks of 8 and a last block of up to 24
+    overlaps the ones before (recomputing an output is harmless), so no scalar remainder runs.
+
+    Written so that LLVM emits the loops of the former hand-unrolled kernels (compare
+    ``inspect_asm``): it calls no other function (a call costs every row an atomic reference
+    count on each array); the part loop's trip count is not a constant (a constant one gets
+    unrolled and its copies specialised, slower on short rows); and the index is formed as
+    ``int32(kp) + int32(q)``, not from the load address (which LLVM rewrites as
+    ``k0 + (rstep + q)``: 10% slower for 2x2 stride 2). Planes fit in 31 bits, so it equals
+    ``int32(kp + q)``.
+    """
+    literally(size)
+    literally(step)
     wide()
     u8 = uint64(8)
     m = n - n % u8 if n >= u8 else n
     tail = min(n, uint64(24))  # the index loop takes its vector path from ~24 windows
-    for part in range(4):
+    for part in range(4 if want_idx else 2):
         if part == 1 or part == 3:
             if m == n:
                 continue
-            b, cnt, oo = rb + (n - tail) * sw, tail, o0 + n - tail
+            b, cnt, oo = rb + (n - tail) * uint64(step), tail, o0 + n - tail
         else:
             b, cnt, oo = rb, m, o0
-        if part >= 2 and not want_idx:
-            break
-        if part < 2 and sw == 2:
+        if part < 2:
             for j in range(cnt):
-                k0 = b + j * uint64(2)
+                k0 = b + j * uint64(step)
                 best = xf[pb + k0]
-                k = k0 + uint64(1)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                k = k0 + rstep
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                k = k0 + rstep + uint64(1)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
+                for p in range(size):
+                    kp = k0 + uint64(p) * rstep
+                    for q in range(size):
+                        if p == 0 and q == 0:
+                            continue
+                        v = xf[pb + kp + uint64(q)]
+                        take = (v > best) | ((v != v) & (best == best))
+                        best = v if take else best
                 of[oo + j] = best
-        elif part < 2:
-            for j in range(cnt):
-                k0 = b + j
-                best = xf[pb + k0]
-                k = k0 + uint64(1)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                k = k0 + rstep
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                k = k0 + rstep + uint64(1)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                of[oo + j] = best
-        elif sw == 2:
-            for j in range(cnt):
-                k0 = b + j * uint64(2)
-                best = xf[pb + k0]
-                arg = int32(k0)
-                k = k0 + uint64(1)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                arg = int32(k) if take else arg
-                k = k0 + rstep
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                arg = int32(k) if take else arg
-                k = k0 + rstep + uint64(1)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                arg = int32(k) if take else arg
-                af[oo + j] = arg
         else:
             for j in range(cnt):
-                k0 = b + j
+                k0 = b + j * uint64(step)
                 best = xf[pb + k0]
                 arg = int32(k0)
-                k = k0 + uint64(1)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                arg = int32(k) if take else arg
-                k = k0 + rstep
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                arg = int32(k) if take else arg
-                k = k0 + rstep + uint64(1)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                arg = int32(k) if take else arg
-                af[oo + j] = arg
-
-
-@njit(cache=NUMBA_CACHE, nogil=True)
-def _pool_row3(xf, pb, of, af, want_idx, rb, n, sw, rstep, o0):
-    """n 3x3 windows lying fully inside, stride sw (1 or 2) along the row: tap (p, q) of
-    window j is at plane offset rb + j*sw + p*rstep + q (no dilation along rows:
-    neighbouring taps form one interleaved load).
-
-    The j loops are branch-free and vectorize; a literal stride makes the loads interleaved
-    accesses, not gathers. Values and indices go in separate loops: with three arrays in
-    one loop LLVM's alias checks keep rows shorter than ~32 on the scalar path. The index
-    stays in 32 bits in the loop (the caller checks the plane fits), so 512-bit registers
-    hold 8 lanes of it. Windows go in blocks of 8 and a last block of up to 24 overlaps the
-    ones before (recomputing an output is harmless), so no scalar remainder runs."""
-    wide()
-    u8 = uint64(8)
-    m = n - n % u8 if n >= u8 else n
-    tail = min(n, uint64(24))  # the index loop takes its vector path from ~24 windows
-    for part in range(4):
-        if part == 1 or part == 3:
-            if m == n:
-                continue
-            b, cnt, oo = rb + (n - tail) * sw, tail, o0 + n - tail
-        else:
-            b, cnt, oo = rb, m, o0
-        if part >= 2 and not want_idx:
-            break
-        if part < 2 and sw == 2:
-            for j in range(cnt):
-                k0 = b + j * uint64(2)
-                best = xf[pb + k0]
-                k = k0 + uint64(1)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                k = k0 + uint64(2)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                k = k0 + rstep
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                k = k0 + rstep + uint64(1)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                k = k0 + rstep + uint64(2)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                k = k0 + uint64(2) * rstep
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                k = k0 + uint64(2) * rstep + uint64(1)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                k = k0 + uint64(2) * rstep + uint64(2)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                of[oo + j] = best
-        elif part < 2:
-            for j in range(cnt):
-                k0 = b + j
-                best = xf[pb + k0]
-                k = k0 + uint64(1)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                k = k0 + uint64(2)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                k = k0 + rstep
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                k = k0 + rstep + uint64(1)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                k = k0 + rstep + uint64(2)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                k = k0 + uint64(2) * rstep
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                k = k0 + uint64(2) * rstep + uint64(1)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                k = k0 + uint64(2) * rstep + uint64(2)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                of[oo + j] = best
-        elif sw == 2:
-            for j in range(cnt):
-                k0 = b + j * uint64(2)
-                best = xf[pb + k0]
-                arg = int32(k0)
-                k = k0 + uint64(1)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                arg = int32(k) if take else arg
-                k = k0 + uint64(2)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                arg = int32(k) if take else arg
-                k = k0 + rstep
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                arg = int32(k) if take else arg
-                k = k0 + rstep + uint64(1)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                arg = int32(k) if take else arg
-                k = k0 + rstep + uint64(2)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                arg = int32(k) if take else arg
-                k = k0 + uint64(2) * rstep
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                arg = int32(k) if take else arg
-                k = k0 + uint64(2) * rstep + uint64(1)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                arg = int32(k) if take else arg
-                k = k0 + uint64(2) * rstep + uint64(2)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                arg = int32(k) if take else arg
-                af[oo + j] = arg
-        else:
-            for j in range(cnt):
-                k0 = b + j
-                best = xf[pb + k0]
-                arg = int32(k0)
-                k = k0 + uint64(1)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                arg = int32(k) if take else arg
-                k = k0 + uint64(2)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                arg = int32(k) if take else arg
-                k = k0 + rstep
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                arg = int32(k) if take else arg
-                k = k0 + rstep + uint64(1)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                arg = int32(k) if take else arg
-                k = k0 + rstep + uint64(2)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                arg = int32(k) if take else arg
-                k = k0 + uint64(2) * rstep
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                arg = int32(k) if take else arg
-                k = k0 + uint64(2) * rstep + uint64(1)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                arg = int32(k) if take else arg
-                k = k0 + uint64(2) * rstep + uint64(2)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                arg = int32(k) if take else arg
+                for p in range(size):
+                    kp = k0 + uint64(p) * rstep
+                    for q in range(size):
+                        if p == 0 and q == 0:
+                            continue
+                        v = xf[pb + kp + uint64(q)]
+                        take = (v > best) | ((v != v) & (best == best))
+                        best = v if take else best
+                        arg = int32(kp) + int32(q) if take else arg
                 af[oo + j] = arg
 
 
 @njit(cache=NUMBA_CACHE, nogil=True)
 def _pool_row_short(xf, pb, of, af, rb, n, sw, rstep, o0, kh, kw):
     """Windows fully inside with their indices, one at a time, for rows too short for the index
-    loops of _pool_row2/3 to take their vector path: their scalar fallback is slower still
+    loops of _pool_row to take their vector path: their scalar fallback is slower still
     (the x86 backend turns its selects back into branches)."""
     for j in range(n):
         k0 = rb + j * sw
@@ -437,10 +207,14 @@ def _pool_plane(nc, x, out, idx, want_idx, kh, kw, sh, sw, ph, pw, dh, dw):
         o0 = uint64(o + j_lo)
         if fused and want_idx and n_in < 24:
             _pool_row_short(xf, pb, of, af, rb, n_in, usw, rstep, o0, kh, kw)
+        elif fused and kh == 2 and sw == 1:  # sizes and strides as literals: see _pool_row
+            _pool_row(xf, pb, of, af, want_idx, rb, n_in, rstep, o0, 2, 1)
         elif fused and kh == 2:
-            _pool_row2(xf, pb, of, af, want_idx, rb, n_in, usw, rstep, o0)
+            _pool_row(xf, pb, of, af, want_idx, rb, n_in, rstep, o0, 2, 2)
+        elif fused and sw == 1:
+            _pool_row(xf, pb, of, af, want_idx, rb, n_in, rstep, o0, 3, 1)
         elif fused:
-            _pool_row3(xf, pb, of, af, want_idx, rb, n_in, usw, rstep, o0)
+            _pool_row(xf, pb, of, af, want_idx, rb, n_in, rstep, o0, 3, 2)
         else:
             best = np.empty(n_in, dtype=x.dtype)
             arg = np.empty(n_in, dtype=np.int64)
