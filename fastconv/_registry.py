@@ -294,8 +294,9 @@ _DIRECT = "fastconv.kernels.direct"
 _LOOPS = dict(unsupported=f"{_DIRECT}:unsupported", priority=10)
 register("conv2d", "direct", f"{_DIRECT}:conv2d_forward", **_LOOPS)
 register("conv2d_backward", "direct", f"{_DIRECT}:conv2d_backward", **_LOOPS)
-register("max_pool2d", "direct", f"{_DIRECT}:max_pool2d_forward", priority=10)
-register("max_pool2d_backward", "direct", f"{_DIRECT}:max_pool2d_backward", priority=10)
+register("max_pool2d", "direct", "fastconv.kernels.pool:max_pool2d_forward", priority=10)
+register("max_pool2d_backward", "direct", "fastconv.kernels.pool:max_pool2d_backward",
+         priority=10)
 _CUDA = "fastconv.kernels.cuda"
 _GPU = dict(device="cuda", unavailable=cuda_missing)
 register("conv2d", "cuda-naive", f"{_CUDA}:conv2d_forward_naive", **_GPU)

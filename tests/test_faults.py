@@ -373,7 +373,7 @@ if {no_tmp}:
 sys.path.insert(0, {site!r})
 import numpy as np
 import fastconv as fc
-from fastconv.kernels import direct, naive, numba_cache_location
+from fastconv.kernels import direct, naive, numba_cache_location, pool
 assert fc.__file__.startswith({site!r}), fc.__file__
 print("cache:", numba_cache_location())
 rng = np.random.default_rng(0)

@@ -1,4 +1,4 @@
-"""Direct-loop conv2d and max-pool (Numba, CPU, parallel), with no column buffer.
+"""Direct-loop conv2d (Numba, CPU, parallel), with no column buffer. Max-pool: pool.py.
 
 Inputs are already validated and converted (see fastconv._validate): C-contiguous arrays of
 ``spec.dtype``. Kernels never look at user input beyond that.
@@ -37,13 +37,12 @@ import functools
 from typing import NamedTuple
 
 import numpy as np
-from numba import int32, njit, types, uint64
-from numba.extending import intrinsic
+from numba import njit, uint64
 
 from . import NUMBA_CACHE, _parallel
+from ._numba import cdiv, claim, wide
 
-__all__ = ["unsupported", "conv2d_forward", "conv2d_backward", "max_pool2d_forward",
-           "max_pool2d_backward"]
+__all__ = ["unsupported", "conv2d_forward", "conv2d_backward"]
 
 TAPS = 9  # taps per micro-kernel pass: one 3x3 kernel, or a chunk of a longer reduction
 KB = 4  # output channels per forward / grad-input micro-kernel
@@ -58,13 +57,6 @@ _FM = {"contract"}
 _FMR = {"contract", "reassoc"}
 
 
-def _cdiv(a, b):
-    return -(-a // b)
-
-
-_jcdiv = njit(cache=NUMBA_CACHE, nogil=True)(_cdiv)
-
-
 # ---------------------------------------------------------------------------------------------
 # micro-kernels. Indices are unsigned (base + offset + t), so Numba emits no wraparound check
 # and the t loop vectorizes; weights are hoisted to scalars; each loads an accumulator once per
@@ -72,44 +64,10 @@ _jcdiv = njit(cache=NUMBA_CACHE, nogil=True)(_cdiv)
 # as much as a short pass.
 
 
-@intrinsic
-def _wide(typingctx):
-    """Let LLVM vectorize the calling function with 512-bit registers where the CPU has them.
-
-    On AVX-512 machines LLVM's cost model defaults to 256-bit vectors for auto-vectorized loops
-    ("prefer-vector-width"); these loops are FMA-bound, so zmm registers do about 1.3x the work.
-    The attribute is a tuning hint and harmless elsewhere; if llvmlite ever refuses it, it is
-    skipped and the kernels stay correct with 256-bit vectors.
-    """
-
-    def codegen(context, builder, sig, args):
-        try:
-            set.add(builder.function.attributes, '"prefer-vector-width"="512"')
-        except Exception:  # pragma: no cover - a future llvmlite
-            pass
-        return context.get_dummy_value()
-
-    return types.none(), codegen
-
-
-@intrinsic
-def _claim(typingctx, counter):
-    """The next work item of a call: ``counter[0]``, then advanced by one, atomically (the
-    threads running the call share it; see fastconv.kernels._parallel)."""
-    sig = types.int64(counter)
-
-    def codegen(context, builder, sig, args):
-        ptr = context.make_array(sig.args[0])(context, builder, args[0]).data
-        one = context.get_constant(types.int64, 1)
-        return builder.atomic_rmw("add", ptr, one, "monotonic")
-
-    return sig, codegen
-
-
 @njit(cache=NUMBA_CACHE, nogil=True, fastmath=_FM)
 def _mk4(src, offs, wpk, acc, base, n):
     """acc[r, :n] += sum over chunks c and taps j of wpk[c, j, r] * src[base + offs[c, j] + t]."""
-    _wide()
+    wide()
     for ch in range(offs.shape[0]):
         o0 = uint64(base + offs[ch, 0])
         o1 = uint64(base + offs[ch, 1])
@@ -184,7 +142,7 @@ def _mk4(src, offs, wpk, acc, base, n):
 @njit(cache=NUMBA_CACHE, nogil=True, fastmath=_FM)
 def _mk1(src, offs, wpk, acc, base, n):
     """_mk4 for one output channel (depthwise, and a last channel of a group)."""
-    _wide()
+    wide()
     for ch in range(offs.shape[0]):
         o0 = uint64(base + offs[ch, 0])
         o1 = uint64(base + offs[ch, 1])
@@ -214,7 +172,7 @@ def _mk1(src, offs, wpk, acc, base, n):
 @njit(cache=NUMBA_CACHE, nogil=True, fastmath=_FMR)
 def _dwk2(xs, offs, gs, g0, g1, sums, n):
     """sums[j, r] += sum_t gs[g_r + t] * xs[offs[j] + t] for 9 taps j and 2 channels r."""
-    _wide()
+    wide()
     o0 = uint64(offs[0])
     o1 = uint64(offs[1])
     o2 = uint64(offs[2])
@@ -278,7 +236,7 @@ def _dwk2(xs, offs, gs, g0, g1, sums, n):
 @njit(cache=NUMBA_CACHE, nogil=True, fastmath=_FMR)
 def _dwk1(xs, offs, gs, g0, sums, n):
     """_dwk2 for one output channel."""
-    _wide()
+    wide()
     o0 = uint64(offs[0])
     o1 = uint64(offs[1])
     o2 = uint64(offs[2])
@@ -327,12 +285,12 @@ def _correlate_nchw(src, offs, wpk, blocks, bias, has_bias, out, gw, nvr, nvc, y
     of its tile for just its groups' channels (geom = C, H, W, pt, pl, sh, sw, grid rows per
     tile, channels per group): for depthwise layers this halves the memory traffic.
     """
-    n_items = src.shape[0] * _jcdiv(nvr, tile_rows) * nkpart
-    item = _claim(counter)
+    n_items = src.shape[0] * cdiv(nvr, tile_rows) * nkpart
+    item = claim(counter)
     while item < n_items:
         _correlate_item(item, src, offs, wpk, blocks, bias, has_bias, out, gw, nvr, nvc,
                         ys, yo, xs, xo, tile_rows, nkpart, local, geom)
-        item = _claim(counter)
+        item = claim(counter)
 
 
 @njit(cache=NUMBA_CACHE, nogil=True)
@@ -340,8 +298,8 @@ def _correlate_item(item, src, offs, wpk, blocks, bias, has_bias, out, gw, nvr, 
                     xo, tile_rows, nkpart, local, geom):
     _, h, w, pt, pl, sh, sw, lrows, cg = geom
     n_blk = wpk.shape[0]
-    n_tiles = _jcdiv(nvr, tile_rows)
-    per_part = _jcdiv(n_blk, nkpart)
+    n_tiles = cdiv(nvr, tile_rows)
+    per_part = cdiv(n_blk, nkpart)
     k_out, oh_out, ow_out = out.shape[1], out.shape[2], out.shape[3]
     of = out.reshape(-1)
     n = item // (n_tiles * nkpart)
@@ -354,7 +312,7 @@ def _correlate_item(item, src, offs, wpk, blocks, bias, has_bias, out, gw, nvr, 
     b_lo, b_hi = part * per_part, min(n_blk, (part + 1) * per_part)
     if b_lo >= b_hi:  # parts of ceil(n_blk / nkpart) blocks can leave the last ones empty
         return
-    acc = np.empty((KB, _jcdiv(tile_rows * gw, 16) * 16), dtype=out.dtype)
+    acc = np.empty((KB, cdiv(tile_rows * gw, 16) * 16), dtype=out.dtype)
     if local:
         lchan = sh * sw * lrows * gw  # a channel's share of the tile grid
         c_lo, c_hi = blocks[b_lo, 2] * cg, (blocks[b_hi - 1, 2] + 1) * cg
@@ -401,11 +359,11 @@ def _grad_weight_nchw(xsrc, gsrc, offs, widx, blocks, gbase, gplane, n_red, dwfl
     (its padding columns are zero, so they add nothing). Work items are (block of up to 2
     channels, chunk of 9 taps), claimed from counter; each sums over all images in order.
     """
-    item = _claim(counter)
+    item = claim(counter)
     while item < blocks.shape[0] * widx.shape[0]:
         _grad_weight_item(item, xsrc, gsrc, offs, widx, blocks, gbase, gplane, n_red, dwflat,
                           cgrs)
-        item = _claim(counter)
+        item = claim(counter)
 
 
 @njit(cache=NUMBA_CACHE, nogil=True)
@@ -438,11 +396,11 @@ def _depthwise_backward_nchw(x, g, goffs, wpk, dx, xoffs, uniq, part_w, part_b, 
     one read of g and x and one write of dx, against four extra full passes on the general
     path. The shares are summed over images afterwards, in a fixed order.
     """
-    nc = _claim(counter)
+    nc = claim(counter)
     while nc < x.shape[0] * x.shape[1]:
         _depthwise_backward_plane(nc, x, g, goffs, wpk, dx, xoffs, uniq, part_w, part_b, need,
                                   geom)
-        nc = _claim(counter)
+        nc = claim(counter)
 
 
 @njit(cache=NUMBA_CACHE, nogil=True)
@@ -504,8 +462,8 @@ def _fill_grid(xf, xo, h, w, df, do, pt, pl, sh, sw, r0, rows, gw):
         for b in range(sw):
             base = do + (a * sw + b) * rows * gw
             # columns v whose source column v*sw + b - pl lies in [0, w)
-            vlo = min(gw, max(0, _jcdiv(pl - b, sw)))
-            vhi = max(vlo, min(gw, _jcdiv(w + pl - b, sw)))
+            vlo = min(gw, max(0, cdiv(pl - b, sw)))
+            vhi = max(vlo, min(gw, cdiv(w + pl - b, sw)))
             for u in range(rows):
                 d0 = uint64(base + u * gw)
                 row = (r0 + u) * sh + a - pt
@@ -554,7 +512,7 @@ def unsupported(spec):
     (pt, pb), (pl, pr) = spec.padding
     sh, sw = spec.stride
     h, w = spec.x_shape[2:]
-    plane = sh * _cdiv(h + pt + pb, sh) * sw * _cdiv(w + pl + pr, sw)
+    plane = sh * cdiv(h + pt + pb, sh) * sw * cdiv(w + pl + pr, sw)
     if plane > GRID_LIMIT:
         return (f"padding={spec.padding} and stride={spec.stride} on planes of {h}x{w} need "
                 f"a padded, phase-split plane of {plane} elements, more than {GRID_LIMIT} "
@@ -588,7 +546,7 @@ def _chunked(taps):
     so no zero-weight tap reads a value that could be inf. Returns offsets, weight indices,
     divisors and, for grad-weight, the weight index of each first copy (-1 for repeats).
     """
-    n_ch = _cdiv(len(taps), TAPS)
+    n_ch = cdiv(len(taps), TAPS)
     offs = np.zeros((n_ch, TAPS), dtype=np.int64)
     widx = np.zeros((n_ch, TAPS), dtype=np.int64)
     wdiv = np.ones((n_ch, TAPS))
@@ -623,7 +581,7 @@ def _input_grid(spec):
     (pt, pb), (pl, pr) = spec.padding
     sh, sw = spec.stride
     h, w = spec.x_shape[2:]
-    return _Grid(pt, pl, sh, sw, _cdiv(h + pt + pb, sh), _cdiv(w + pl + pr, sw))
+    return _Grid(pt, pl, sh, sw, cdiv(h + pt + pb, sh), cdiv(w + pl + pr, sw))
 
 
 @functools.lru_cache(maxsize=256)
@@ -666,7 +624,7 @@ def _fwd_plan(spec):
     # each work item builds the grid rows of its tile (see _correlate_nchw)
     tile = TILE_LOCAL if k == spec.groups else TILE  # one accumulator row, or four
     rows = max(1, min(spec.out_hw[0], tile // grid.gw))
-    rows = _cdiv(spec.out_hw[0], _cdiv(spec.out_hw[0], rows))
+    rows = cdiv(spec.out_hw[0], cdiv(spec.out_hw[0], rows))
     grid = grid._replace(hq=rows + (r - 1) * spec.dilation[0] // spec.stride[0])
     (pt, _), (pl, _) = spec.padding
     local = ((c, h, w, pt, pl, *spec.stride, grid.hq, cg), rows)
@@ -708,8 +666,8 @@ def _grad_input_plan(spec, min_gw):
     sh, sw = spec.stride
     dh, dw = spec.dilation
     (pt, _), (pl, _) = spec.padding
-    rows = [(a, _cdiv(h - a, sh), _tap_shifts(a, sh, pt, dh, r)) for a in range(min(sh, h))]
-    cols = [(b, _cdiv(w - b, sw), _tap_shifts(b, sw, pl, dw, s)) for b in range(min(sw, w))]
+    rows = [(a, cdiv(h - a, sh), _tap_shifts(a, sh, pt, dh, r)) for a in range(min(sh, h))]
+    cols = [(b, cdiv(w - b, sw), _tap_shifts(b, sw, pl, dw, s)) for b in range(min(sw, w))]
     es = [e for _, _, t in rows for _, e in t] or [0]
     fs = [f for _, _, t in cols for _, f in t] or [0]
     gpt, gpl = max(0, -min(es)), max(0, -min(fs))
@@ -749,9 +707,9 @@ def _padded(x, grid):
     sh, sw, pt, pl = grid.sh, grid.sw, grid.pt, grid.pl
     dst = np.zeros((n, c, sh, sw, grid.hq, grid.gw), dtype=x.dtype)
     for a in range(sh):  # grid row u of phase a holds input row u*sh + a - pt
-        u0, u1 = max(0, _cdiv(pt - a, sh)), min(grid.hq, _cdiv(h + pt - a, sh))
+        u0, u1 = max(0, cdiv(pt - a, sh)), min(grid.hq, cdiv(h + pt - a, sh))
         for b in range(sw):
-            v0, v1 = max(0, _cdiv(pl - b, sw)), min(grid.gw, _cdiv(w + pl - b, sw))
+            v0, v1 = max(0, cdiv(pl - b, sw)), min(grid.gw, cdiv(w + pl - b, sw))
             if u1 > u0 and v1 > v0:
                 r0, c0 = u0 * sh + a - pt, v0 * sw + b - pl
                 dst[:, :, a, b, u0:u1, v0:v1] = x[:, :, r0:r0 + (u1 - u0 - 1) * sh + 1:sh,
@@ -763,11 +721,11 @@ def _tiling(n_img, nvr, gw, n_blk):
     """(rows per tile, channel-block parts): tiles of about TILE elements and enough items to
     keep every thread busy even at batch 1. Changes only who computes what, never the sums."""
     rows = max(1, min(nvr, TILE // gw))
-    rows = _cdiv(nvr, _cdiv(nvr, rows))  # tiles of even height
+    rows = cdiv(nvr, cdiv(nvr, rows))  # tiles of even height
     want = 4 * _parallel.count
-    parts = min(n_blk, max(1, _cdiv(want, n_img * _cdiv(nvr, rows))))
-    while n_img * _cdiv(nvr, rows) * parts < want and rows > 1:
-        rows = _cdiv(rows, 2)
+    parts = min(n_blk, max(1, cdiv(want, n_img * cdiv(nvr, rows))))
+    while n_img * cdiv(nvr, rows) * parts < want and rows > 1:
+        rows = cdiv(rows, 2)
     return rows, parts
 
 
@@ -780,13 +738,13 @@ def _correlate(src, offs, wpk, blocks, bias, out, gw, nvr, nvc, ys=1, yo=0, xs=1
     else:
         geom, rows = local
         want = 4 * _parallel.count
-        parts = min(n_blk, max(1, _cdiv(want, n_img * _cdiv(nvr, rows))))
+        parts = min(n_blk, max(1, cdiv(want, n_img * cdiv(nvr, rows))))
     has_bias = bias is not None
     if not has_bias:
         bias = np.zeros(1, dtype=out.dtype)
     _parallel.run(_correlate_nchw, (src, offs, wpk, blocks, bias, has_bias, out, gw, nvr, nvc,
                                     ys, yo, xs, xo, rows, parts, local is not None, geom),
-                  n_img * _cdiv(nvr, rows) * parts, work_ns)
+                  n_img * cdiv(nvr, rows) * parts, work_ns)
 
 
 def _packed(w, wbase, wdiv, cstride, blocks):
@@ -874,480 +832,3 @@ def conv2d_backward(g, x, w, spec, need_input, need_weight, need_bias):
     if need_bias:
         db = g.sum(axis=(0, 2, 3))  # NumPy's pairwise sum: memory-bound, deterministic
     return dx, dw, db
-
-
-# ---------------------------------------------------------------------------------------------
-# max-pool. Windows lying fully inside the input run in vector loops over an output row (2x2
-# and 3x3 unrolled, other sizes tap by tap); windows touching the -inf padding are clipped one
-# by one, as in naive.py. A candidate replaces the running maximum when it is strictly greater
-# (the first maximum wins ties) or when it is the first NaN (NaN propagates).
-
-
-@njit(cache=NUMBA_CACHE, nogil=True)
-def _pool_row2(xf, pb, of, af, want_idx, rb, n, sw, rstep, o0):
-    """n 2x2 windows lying fully inside, stride sw (1 or 2) along the row: tap (p, q) of
-    window j is at plane offset rb + j*sw + p*rstep + q (no dilation along rows:
-    neighbouring taps form one interleaved load).
-
-    The j loops are branch-free and vectorize; a literal stride makes the loads interleaved
-    accesses, not gathers. Values and indices go in separate loops: with three arrays in
-    one loop LLVM's alias checks keep rows shorter than ~32 on the scalar path. The index
-    stays in 32 bits in the loop (the caller checks the plane fits), so 512-bit registers
-    hold 8 lanes of it. Windows go in blocks of 8 and a last block of up to 24 overlaps the
-    ones before (recomputing an output is harmless), so no scalar remainder runs."""
-    _wide()
-    u8 = uint64(8)
-    m = n - n % u8 if n >= u8 else n
-    tail = min(n, uint64(24))  # the index loop takes its vector path from ~24 windows
-    for part in range(4):
-        if part == 1 or part == 3:
-            if m == n:
-                continue
-            b, cnt, oo = rb + (n - tail) * sw, tail, o0 + n - tail
-        else:
-            b, cnt, oo = rb, m, o0
-        if part >= 2 and not want_idx:
-            break
-        if part < 2 and sw == 2:
-            for j in range(cnt):
-                k0 = b + j * uint64(2)
-                best = xf[pb + k0]
-                k = k0 + uint64(1)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                k = k0 + rstep
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                k = k0 + rstep + uint64(1)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                of[oo + j] = best
-        elif part < 2:
-            for j in range(cnt):
-                k0 = b + j
-                best = xf[pb + k0]
-                k = k0 + uint64(1)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                k = k0 + rstep
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                k = k0 + rstep + uint64(1)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                of[oo + j] = best
-        elif sw == 2:
-            for j in range(cnt):
-                k0 = b + j * uint64(2)
-                best = xf[pb + k0]
-                arg = int32(k0)
-                k = k0 + uint64(1)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                arg = int32(k) if take else arg
-                k = k0 + rstep
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                arg = int32(k) if take else arg
-                k = k0 + rstep + uint64(1)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                arg = int32(k) if take else arg
-                af[oo + j] = arg
-        else:
-            for j in range(cnt):
-                k0 = b + j
-                best = xf[pb + k0]
-                arg = int32(k0)
-                k = k0 + uint64(1)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                arg = int32(k) if take else arg
-                k = k0 + rstep
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                arg = int32(k) if take else arg
-                k = k0 + rstep + uint64(1)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                arg = int32(k) if take else arg
-                af[oo + j] = arg
-
-
-@njit(cache=NUMBA_CACHE, nogil=True)
-def _pool_row3(xf, pb, of, af, want_idx, rb, n, sw, rstep, o0):
-    """n 3x3 windows lying fully inside, stride sw (1 or 2) along the row: tap (p, q) of
-    window j is at plane offset rb + j*sw + p*rstep + q (no dilation along rows:
-    neighbouring taps form one interleaved load).
-
-    The j loops are branch-free and vectorize; a literal stride makes the loads interleaved
-    accesses, not gathers. Values and indices go in separate loops: with three arrays in
-    one loop LLVM's alias checks keep rows shorter than ~32 on the scalar path. The index
-    stays in 32 bits in the loop (the caller checks the plane fits), so 512-bit registers
-    hold 8 lanes of it. Windows go in blocks of 8 and a last block of up to 24 overlaps the
-    ones before (recomputing an output is harmless), so no scalar remainder runs."""
-    _wide()
-    u8 = uint64(8)
-    m = n - n % u8 if n >= u8 else n
-    tail = min(n, uint64(24))  # the index loop takes its vector path from ~24 windows
-    for part in range(4):
-        if part == 1 or part == 3:
-            if m == n:
-                continue
-            b, cnt, oo = rb + (n - tail) * sw, tail, o0 + n - tail
-        else:
-            b, cnt, oo = rb, m, o0
-        if part >= 2 and not want_idx:
-            break
-        if part < 2 and sw == 2:
-            for j in range(cnt):
-                k0 = b + j * uint64(2)
-                best = xf[pb + k0]
-                k = k0 + uint64(1)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                k = k0 + uint64(2)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                k = k0 + rstep
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                k = k0 + rstep + uint64(1)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                k = k0 + rstep + uint64(2)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                k = k0 + uint64(2) * rstep
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                k = k0 + uint64(2) * rstep + uint64(1)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                k = k0 + uint64(2) * rstep + uint64(2)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                of[oo + j] = best
-        elif part < 2:
-            for j in range(cnt):
-                k0 = b + j
-                best = xf[pb + k0]
-                k = k0 + uint64(1)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                k = k0 + uint64(2)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                k = k0 + rstep
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                k = k0 + rstep + uint64(1)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                k = k0 + rstep + uint64(2)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                k = k0 + uint64(2) * rstep
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                k = k0 + uint64(2) * rstep + uint64(1)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                k = k0 + uint64(2) * rstep + uint64(2)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                of[oo + j] = best
-        elif sw == 2:
-            for j in range(cnt):
-                k0 = b + j * uint64(2)
-                best = xf[pb + k0]
-                arg = int32(k0)
-                k = k0 + uint64(1)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                arg = int32(k) if take else arg
-                k = k0 + uint64(2)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                arg = int32(k) if take else arg
-                k = k0 + rstep
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                arg = int32(k) if take else arg
-                k = k0 + rstep + uint64(1)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                arg = int32(k) if take else arg
-                k = k0 + rstep + uint64(2)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                arg = int32(k) if take else arg
-                k = k0 + uint64(2) * rstep
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                arg = int32(k) if take else arg
-                k = k0 + uint64(2) * rstep + uint64(1)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                arg = int32(k) if take else arg
-                k = k0 + uint64(2) * rstep + uint64(2)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                arg = int32(k) if take else arg
-                af[oo + j] = arg
-        else:
-            for j in range(cnt):
-                k0 = b + j
-                best = xf[pb + k0]
-                arg = int32(k0)
-                k = k0 + uint64(1)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                arg = int32(k) if take else arg
-                k = k0 + uint64(2)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                arg = int32(k) if take else arg
-                k = k0 + rstep
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                arg = int32(k) if take else arg
-                k = k0 + rstep + uint64(1)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                arg = int32(k) if take else arg
-                k = k0 + rstep + uint64(2)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                arg = int32(k) if take else arg
-                k = k0 + uint64(2) * rstep
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                arg = int32(k) if take else arg
-                k = k0 + uint64(2) * rstep + uint64(1)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                arg = int32(k) if take else arg
-                k = k0 + uint64(2) * rstep + uint64(2)
-                v = xf[pb + k]
-                take = (v > best) | ((v != v) & (best == best))
-                best = v if take else best
-                arg = int32(k) if take else arg
-                af[oo + j] = arg
-
-
-@njit(cache=NUMBA_CACHE, nogil=True)
-def _pool_row_short(xf, pb, of, af, rb, n, sw, rstep, o0, kh, kw):
-    """Windows fully inside with their indices, one at a time, for rows too short for the index
-    loops of _pool_row2/3 to take their vector path: their scalar fallback is slower still
-    (the x86 backend turns its selects back into branches)."""
-    for j in range(n):
-        k0 = rb + j * sw
-        best = xf[pb + k0]
-        arg = k0
-        for p in range(kh):
-            for q in range(kw):
-                k = k0 + uint64(p) * rstep + uint64(q)
-                v = xf[pb + k]
-                if v > best or (v != v and best == best):
-                    best = v
-                    arg = k
-        of[o0 + j] = best
-        af[o0 + j] = arg
-
-
-@njit(cache=NUMBA_CACHE, nogil=True)
-def _win_any(xf, pb, of, af, want_idx, rb, n, sw, dwc, rstep, o0, kh, kw, best, arg):
-    """Fully inside windows of any size, one vector pass per tap over best/arg scratch."""
-    for p in range(kh):
-        for q in range(kw):
-            d = uint64(p) * rstep + uint64(q) * dwc
-            if p == 0 and q == 0:
-                for j in range(n):
-                    k = rb + j * sw + d
-                    best[j] = xf[pb + k]
-                    arg[j] = k
-                continue
-            for j in range(n):
-                k = rb + j * sw + d
-                v = xf[pb + k]
-                bv = best[j]
-                take = (v > bv) | ((v != v) & (bv == bv))
-                best[j] = v if take else bv
-                arg[j] = k if take else arg[j]
-    for j in range(n):
-        of[o0 + j] = best[j]
-        if want_idx:
-            af[o0 + j] = arg[j]
-
-
-@njit(cache=NUMBA_CACHE, nogil=True)
-def _win_clipped(xf, pb, of, af, want_idx, o, i, j, h, w, kh, kw, sh, sw, ph, pw, dh, dw):
-    """One window touching the padding: its taps inside the input only (as naive.py)."""
-    r0 = i * sh - ph
-    while r0 < 0:  # the first tap inside the input, where PyTorch starts its index
-        r0 += dh
-    c0 = j * sw - pw
-    while c0 < 0:
-        c0 += dw
-    best = -np.inf
-    arg = r0 * w + c0
-    for p in range(kh):
-        row = i * sh - ph + p * dh
-        if row < 0 or row >= h:
-            continue
-        for q in range(kw):
-            col = j * sw - pw + q * dw
-            if col < 0 or col >= w:
-                continue
-            v = xf[pb + uint64(row * w + col)]
-            if v > best or (v != v and best == best):
-                best = v
-                arg = row * w + col
-    of[o] = best
-    if want_idx:
-        af[o] = arg
-
-
-@njit(cache=NUMBA_CACHE, nogil=True)
-def _pool_forward_nchw(x, out, idx, want_idx, kh, kw, sh, sw, ph, pw, dh, dw, counter):
-    """(n, c) planes claimed from counter."""
-    nc = _claim(counter)
-    while nc < x.shape[0] * x.shape[1]:
-        _pool_plane(nc, x, out, idx, want_idx, kh, kw, sh, sw, ph, pw, dh, dw)
-        nc = _claim(counter)
-
-
-@njit(cache=NUMBA_CACHE, nogil=True)
-def _pool_plane(nc, x, out, idx, want_idx, kh, kw, sh, sw, ph, pw, dh, dw):
-    h, w = x.shape[2], x.shape[3]
-    oh, ow = out.shape[2], out.shape[3]
-    xf = x.reshape(-1)
-    of = out.reshape(-1)
-    af = idx.reshape(-1)
-    # windows fully inside: i*sh - ph >= 0 and i*sh - ph + (kh-1)*dh <= h - 1 (likewise j)
-    i_lo = min(oh, _jcdiv(ph, sh))
-    i_hi = max(i_lo, min(oh, (h - 1 - (kh - 1) * dh + ph) // sh + 1))
-    j_lo = min(ow, _jcdiv(pw, sw))
-    j_hi = max(j_lo, min(ow, (w - 1 - (kw - 1) * dw + pw) // sw + 1))
-    n_in = uint64(j_hi - j_lo)
-    usw, udw, rstep = uint64(sw), uint64(dw), uint64(dh * w)
-    # 2x2 and 3x3 windows, stride 1 or 2 along rows, no dilation along rows, int32 indices
-    fused = kh == kw and (kh == 2 or kh == 3) and (sw == 1 or sw == 2) and dw == 1
-    fused = fused and h * w < 2**31
-    pb = uint64(nc * h * w)
-    for i in range(oh):
-        o = nc * oh * ow + i * ow
-        if i < i_lo or i >= i_hi:
-            for j in range(ow):
-                _win_clipped(xf, pb, of, af, want_idx, o + j, i, j, h, w, kh, kw, sh, sw, ph, pw,
-                             dh, dw)
-            continue
-        for j in range(j_lo):
-            _win_clipped(xf, pb, of, af, want_idx, o + j, i, j, h, w, kh, kw, sh, sw, ph, pw,
-                         dh, dw)
-        for j in range(j_hi, ow):
-            _win_clipped(xf, pb, of, af, want_idx, o + j, i, j, h, w, kh, kw, sh, sw, ph, pw,
-                         dh, dw)
-        if n_in == 0:
-            continue
-        rb = uint64((i * sh - ph) * w + j_lo * sw - pw)
-        o0 = uint64(o + j_lo)
-        if fused and want_idx and n_in < 24:
-            _pool_row_short(xf, pb, of, af, rb, n_in, usw, rstep, o0, kh, kw)
-        elif fused and kh == 2:
-            _pool_row2(xf, pb, of, af, want_idx, rb, n_in, usw, rstep, o0)
-        elif fused:
-            _pool_row3(xf, pb, of, af, want_idx, rb, n_in, usw, rstep, o0)
-        else:
-            best = np.empty(n_in, dtype=x.dtype)
-            arg = np.empty(n_in, dtype=np.int64)
-            _win_any(xf, pb, of, af, want_idx, rb, n_in, usw, udw, rstep, o0, kh, kw, best, arg)
-
-
-@njit(cache=NUMBA_CACHE, nogil=True)
-def _pool_backward_nchw(g, idx, dx, counter):
-    """(n, c) planes claimed from counter: zero the plane (while it is in cache), then add each
-    output gradient at its index, in output order (so overlapping windows, and any index
-    shared by several outputs, add deterministically)."""
-    nc = _claim(counter)
-    while nc < g.shape[0] * g.shape[1]:
-        _pool_backward_plane(nc, g, idx, dx)
-        nc = _claim(counter)
-
-
-@njit(cache=NUMBA_CACHE, nogil=True)
-def _pool_backward_plane(nc, g, idx, dx):
-    oh, ow = g.shape[2], g.shape[3]
-    plane = dx.shape[2] * dx.shape[3]
-    gf = g.reshape(-1)
-    af = idx.reshape(-1)
-    df = dx.reshape(-1)
-    d0 = uint64(nc * plane)
-    for t in range(uint64(plane)):
-        df[d0 + t] = 0
-    g0 = uint64(nc * oh * ow)
-    for t in range(uint64(oh * ow)):
-        df[d0 + uint64(af[g0 + t])] += gf[g0 + t]
-
-
-def _pool_args(spec):
-    return (*spec.kernel, *spec.stride, *spec.padding, *spec.dilation)
-
-
-def max_pool2d_forward(x, spec, return_indices):
-    out = np.empty(spec.out_shape, dtype=spec.dtype)
-    idx = np.empty(spec.out_shape if return_indices else (1, 1, 1, 1), dtype=np.int64)
-    _parallel.run(_pool_forward_nchw, (x, out, idx, return_indices, *_pool_args(spec)),
-                  spec.x_shape[0] * spec.x_shape[1], _parallel.pool_work_ns(spec))
-    return out, (idx if return_indices else None)
-
-
-def max_pool2d_backward(g, idx, spec):
-    dx = np.empty(spec.x_shape, dtype=spec.dtype)
-    _parallel.run(_pool_backward_nchw, (g, idx, dx), spec.x_shape[0] * spec.x_shape[1],
-                  _parallel.pool_work_ns(spec, backward=True))
-    return dx
