@@ -51,6 +51,13 @@ class ConvSpec(NamedTuple):
         return (self.x_shape[0], self.w_shape[0], *self.out_hw)
 
     @property
+    def loop_args(self) -> tuple[int, ...]:
+        """(stride_h, stride_w, pad_top, pad_left, dilation_h, dilation_w, groups): the scalars
+        the loop kernels take (the bottom/right padding follows from ``out_hw``)."""
+        (pt, _), (pl, _) = self.padding
+        return (*self.stride, pt, pl, *self.dilation, self.groups)
+
+    @property
     def flops(self) -> int:
         """Multiply-adds times two of the forward pass (the backward counts twice this)."""
         n, k, oh, ow = self.out_shape
@@ -74,6 +81,12 @@ class PoolSpec(NamedTuple):
     @property
     def out_shape(self) -> tuple[int, int, int, int]:
         return (*self.x_shape[:2], *self.out_hw)
+
+    @property
+    def loop_args(self) -> tuple[int, ...]:
+        """(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w): the
+        scalars the loop kernels take."""
+        return (*self.kernel, *self.stride, *self.padding, *self.dilation)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -88,6 +88,7 @@ import threading
 import numpy as np
 
 from . import _im2col, _parallel, _pool
+from ._numba import cdiv as _cdiv
 
 __all__ = [
     "unsupported",
@@ -162,10 +163,6 @@ def unsupported(spec):
 
 # ---------------------------------------------------------------------------------------------
 # tiling
-
-
-def _cdiv(a, b):
-    return -(-a // b)
 
 
 def plan(spec, n_threads=None):

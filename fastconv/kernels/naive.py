@@ -99,14 +99,10 @@ def _backward_bias_nchw(g, db):
         db[o] = acc
 
 
-def _conv_args(spec):
-    (pt, _), (pl, _) = spec.padding
-    return (*spec.stride, pt, pl, *spec.dilation, spec.groups)
-
 
 def conv2d_forward(x, w, b, spec):
     out = np.empty(spec.out_shape, dtype=spec.dtype)
-    _forward_nchw(x, w, out, *_conv_args(spec))
+    _forward_nchw(x, w, out, *spec.loop_args)
     if b is not None:
         out += b.reshape(1, -1, 1, 1)
     return out
@@ -116,10 +112,10 @@ def conv2d_backward(g, x, w, spec, need_input, need_weight, need_bias):
     dx = dw = db = None
     if need_input:
         dx = np.empty(spec.x_shape, dtype=spec.dtype)
-        _backward_input_nchw(g, w, dx, *_conv_args(spec))
+        _backward_input_nchw(g, w, dx, *spec.loop_args)
     if need_weight:
         dw = np.empty(spec.w_shape, dtype=spec.dtype)
-        _backward_weight_nchw(g, x, dw, *_conv_args(spec))
+        _backward_weight_nchw(g, x, dw, *spec.loop_args)
     if need_bias:
         db = np.empty(spec.w_shape[0], dtype=spec.dtype)
         _backward_bias_nchw(g, db)
@@ -175,14 +171,11 @@ def _pool_backward_nchw(g, idx, dx):
                     dx[n, c, k // wd, k % wd] += g[n, c, i, j]
 
 
-def _pool_args(spec):
-    return (*spec.kernel, *spec.stride, *spec.padding, *spec.dilation)
-
 
 def max_pool2d_forward(x, spec, return_indices):
     out = np.empty(spec.out_shape, dtype=spec.dtype)
     idx = np.empty(spec.out_shape, dtype=np.int64)
-    _pool_forward_nchw(x, out, idx, *_pool_args(spec))
+    _pool_forward_nchw(x, out, idx, *spec.loop_args)
     return out, (idx if return_indices else None)
 
 

@@ -247,14 +247,11 @@ def _pool_backward_plane(nc, g, idx, dx):
         df[d0 + uint64(af[g0 + t])] += gf[g0 + t]
 
 
-def _pool_args(spec):
-    return (*spec.kernel, *spec.stride, *spec.padding, *spec.dilation)
-
 
 def max_pool2d_forward(x, spec, return_indices):
     out = np.empty(spec.out_shape, dtype=spec.dtype)
     idx = np.empty(spec.out_shape if return_indices else (1, 1, 1, 1), dtype=np.int64)
-    _parallel.run(_pool_forward_nchw, (x, out, idx, return_indices, *_pool_args(spec)),
+    _parallel.run(_pool_forward_nchw, (x, out, idx, return_indices, *spec.loop_args),
                   spec.x_shape[0] * spec.x_shape[1], _parallel.pool_work_ns(spec))
     return out, (idx if return_indices else None)
 

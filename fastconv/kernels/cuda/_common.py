@@ -13,6 +13,8 @@ import functools
 
 import numpy as np
 
+from .._numba import cdiv as _cdiv
+
 cuda = None  # numba.cuda, bound on first use
 
 _TPB = 256  # threads per block of the elementwise kernels
@@ -47,10 +49,6 @@ def _nbtype(dtype):
     return from_dtype(np.dtype(dtype))
 
 
-def _cdiv(a, b):
-    return -(-a // b)
-
-
 def _pow2(v, cap):
     return min(cap, 1 << max(0, int(v) - 1).bit_length())
 
@@ -60,13 +58,6 @@ def _tiles(hw, th, tw):
     return tiles_w, _cdiv(hw[0], th) * tiles_w
 
 
-def _conv_args(spec):
-    (pt, _), (pl, _) = spec.padding
-    return (*spec.stride, pt, pl, *spec.dilation, spec.groups)
-
-
-def _pool_args(spec):
-    return (*spec.kernel, *spec.stride, *spec.padding, *spec.dilation)
 
 
 def _launch_flat(kernel, total, *args):

@@ -16,7 +16,7 @@ import functools
 import numpy as np
 
 from ._common import (_SHARED_BYTES, _TARGET_BLOCKS, _WORKSPACE_ELEMS, _bias_grad, _cdiv,
-                      _conv_args, _cuda, _launch_flat, _nbtype, _pow2, _sim, _tiles)
+                      _cuda, _launch_flat, _nbtype, _pow2, _sim, _tiles)
 from ._memory import _dummy, _Io, _workspace
 from .naive import _naive, conv2d_forward_naive
 
@@ -385,7 +385,7 @@ def _direct_backward_input(gd, wd, spec, io):
     ob = _fit_channels(ob, gh * gw + kb * kh * kw, 0, np.dtype(spec.dtype).itemsize)
     dx = io.empty(spec.x_shape)
     if ob == 0:
-        _launch_flat(_naive().backward_input, dx.size, gd, wd, dx, *_conv_args(spec))
+        _launch_flat(_naive().backward_input, dx.size, gd, wd, dx, *spec.loop_args)
         return dx
     kern = _direct_backward_input_kernel(spec.dtype, kh, kw, sh, sw, dh, dw, tpy, tpx, ry, rx,
                                          kb, ob)
@@ -409,7 +409,7 @@ def _direct_backward_weight(gd, xd, spec, io):
     cb = _fit_channels(cb, ih * iw, kb * th * tw, np.dtype(spec.dtype).itemsize)
     dw_out = io.empty(spec.w_shape)
     if cb == 0 or items > 8:  # taps that do not fit a block: the straight loops
-        _launch_flat(_naive().backward_weight, dw_out.size, gd, xd, dw_out, *_conv_args(spec))
+        _launch_flat(_naive().backward_weight, dw_out.size, gd, xd, dw_out, *spec.loop_args)
         return dw_out
     items = _cdiv(cb * kh * kw, nt)
     tiles_w, tiles = _tiles(spec.out_hw, th, tw)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 
-from ._common import _bias_grad, _conv_args, _cuda, _launch_flat, _ns
+from ._common import _bias_grad, _cuda, _launch_flat, _ns
 from ._memory import _dummy, _Io
 
 cuda = None  # numba.cuda, bound by _cuda(globals()) on first use
@@ -112,7 +112,7 @@ def conv2d_forward_naive(x, w, b, spec):
     xd, wd, bd = io.inputs(x, w, b)
     out = io.empty(spec.out_shape)
     _launch_flat(_naive().forward, out.size, xd, wd, _dummy(spec.dtype) if bd is None else bd,
-                 out, *_conv_args(spec), bd is not None)
+                 out, *spec.loop_args, bd is not None)
     return io.output(out)
 
 
@@ -122,11 +122,11 @@ def conv2d_backward_naive(g, x, w, spec, need_input, need_weight, need_bias):
     dx = dw = db = None
     if need_input:
         dx = io.empty(spec.x_shape)
-        _launch_flat(_naive().backward_input, dx.size, gd, wd, dx, *_conv_args(spec))
+        _launch_flat(_naive().backward_input, dx.size, gd, wd, dx, *spec.loop_args)
         dx = io.output(dx)
     if need_weight:
         dw = io.empty(spec.w_shape)
-        _launch_flat(_naive().backward_weight, dw.size, gd, xd, dw, *_conv_args(spec))
+        _launch_flat(_naive().backward_weight, dw.size, gd, xd, dw, *spec.loop_args)
         dw = io.output(dw)
     if need_bias:
         db = io.output(_bias_grad(gd, spec, io))

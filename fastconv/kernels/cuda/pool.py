@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 
-from ._common import (_SHARED_BYTES, _cuda, _launch_flat, _nbtype, _ns, _pool_args, _sim,
+from ._common import (_SHARED_BYTES, _cuda, _launch_flat, _nbtype, _ns, _sim,
                       _tiles)
 from ._memory import _Io
 
@@ -115,7 +115,7 @@ def max_pool2d_forward_naive(x, spec, return_indices):
     (xd,) = io.inputs(x)
     out = io.empty(spec.out_shape)
     idx = io.empty(spec.out_shape, np.int64)
-    _launch_flat(_naive_pool().pool_forward, out.size, xd, out, idx, *_pool_args(spec))
+    _launch_flat(_naive_pool().pool_forward, out.size, xd, out, idx, *spec.loop_args)
     return io.output(out), (io.output(idx) if return_indices else None)
 
 
@@ -124,7 +124,7 @@ def max_pool2d_backward_naive(g, idx, spec):
     gd, idd = io.inputs(g, idx)
     dx = io.empty(spec.x_shape)
     _launch_flat(_naive_pool().pool_backward, spec.x_shape[0] * spec.x_shape[1], gd, idd, dx,
-                 *_pool_args(spec))
+                 *spec.loop_args)
     return io.output(dx)
 
 
@@ -334,5 +334,5 @@ def max_pool2d_backward_direct(g, idx, spec):
     tiles_w, tiles = _tiles(spec.x_shape[2:], tpy * ry, tpx)
     n, c = spec.x_shape[:2]
     kern[n * c * tiles, (tpx, tpy)](gd, idd, dx, *spec.padding, tiles_w, tiles)
-    _launch_flat(_pool_strays_kernel(), gd.size, gd, idd, dx, *_pool_args(spec))
+    _launch_flat(_pool_strays_kernel(), gd.size, gd, idd, dx, *spec.loop_args)
     return io.output(dx)
