@@ -9,6 +9,7 @@ import numpy as np
 from numba import njit
 
 from . import NUMBA_CACHE
+from ._window import window_max
 
 __all__ = ["conv2d_forward", "conv2d_backward", "max_pool2d_forward", "max_pool2d_backward"]
 
@@ -126,37 +127,21 @@ def conv2d_backward(g, x, w, spec, need_input, need_weight, need_bias):
 # max-pool
 
 
+_window_max = njit(cache=NUMBA_CACHE, nogil=True)(window_max)
+
+
 @njit(cache=NUMBA_CACHE, nogil=True)
 def _pool_forward_nchw(x, out, idx, kh, kw, sh, sw, ph, pw, dh, dw):
     n_batch, chans, h, wd = x.shape
     oh, ow = out.shape[2], out.shape[3]
+    xf = x.reshape(-1)
     for n in range(n_batch):
         for c in range(chans):
+            base = (n * chans + c) * h * wd
             for i in range(oh):
-                r0 = i * sh - ph
-                while r0 < 0:  # the first tap inside the input, as PyTorch starts its index
-                    r0 += dh
                 for j in range(ow):
-                    c0 = j * sw - pw
-                    while c0 < 0:
-                        c0 += dw
-                    best = -np.inf
-                    arg = r0 * wd + c0
-                    for p in range(kh):
-                        row = i * sh - ph + p * dh
-                        if row < 0 or row >= h:
-                            continue
-                        for q in range(kw):
-                            col = j * sw - pw + q * dw
-                            if col < 0 or col >= wd:
-                                continue
-                            v = x[n, c, row, col]
-                            # strictly greater keeps the first maximum; the first NaN wins
-                            if v > best or (np.isnan(v) and not np.isnan(best)):
-                                best = v
-                                arg = row * wd + col
-                    out[n, c, i, j] = best
-                    idx[n, c, i, j] = arg
+                    out[n, c, i, j], idx[n, c, i, j] = _window_max(
+                        xf, base, h, wd, i, j, kh, kw, sh, sw, ph, pw, dh, dw)
 
 
 @njit(cache=NUMBA_CACHE, nogil=True)

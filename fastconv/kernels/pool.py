@@ -15,10 +15,11 @@ depend on the thread count.
 from __future__ import annotations
 
 import numpy as np
-from numba import int32, literally, njit, uint64
+from numba import int32, int64, literally, njit, uint64
 
 from . import NUMBA_CACHE, _parallel
 from ._numba import cdiv, claim, wide
+from ._window import window_max
 
 __all__ = ["max_pool2d_forward", "max_pool2d_backward"]
 
@@ -133,29 +134,13 @@ def _win_any(xf, pb, of, af, want_idx, rb, n, sw, dwc, rstep, o0, kh, kw, best, 
             af[o0 + j] = arg[j]
 
 
+_window_max = njit(cache=NUMBA_CACHE, nogil=True)(window_max)
+
+
 @njit(cache=NUMBA_CACHE, nogil=True)
 def _win_clipped(xf, pb, of, af, want_idx, o, i, j, h, w, kh, kw, sh, sw, ph, pw, dh, dw):
     """One window touching the padding: its taps inside the input only (as naive.py)."""
-    r0 = i * sh - ph
-    while r0 < 0:  # the first tap inside the input, where PyTorch starts its index
-        r0 += dh
-    c0 = j * sw - pw
-    while c0 < 0:
-        c0 += dw
-    best = -np.inf
-    arg = r0 * w + c0
-    for p in range(kh):
-        row = i * sh - ph + p * dh
-        if row < 0 or row >= h:
-            continue
-        for q in range(kw):
-            col = j * sw - pw + q * dw
-            if col < 0 or col >= w:
-                continue
-            v = xf[pb + uint64(row * w + col)]
-            if v > best or (v != v and best == best):
-                best = v
-                arg = row * w + col
+    best, arg = _window_max(xf, int64(pb), h, w, i, j, kh, kw, sh, sw, ph, pw, dh, dw)
     of[o] = best
     if want_idx:
         af[o] = arg

@@ -16,13 +16,13 @@ cuda-direct
 from __future__ import annotations
 
 import functools
-import math
 
 import numpy as np
 
 from ._common import (_SHARED_BYTES, _cuda, _launch_flat, _nbtype, _ns, _sim,
                       _tiles)
 from ._memory import _Io
+from .. import _window
 
 cuda = None  # numba.cuda, bound by _cuda(globals()) on first use
 
@@ -53,10 +53,12 @@ def _naive_pool():
     _cuda(globals())
     _window_empty = _window_empty_fn()
 
+    window_max = cuda.jit(device=True)(_window.window_max)
+
     @cuda.jit
-    def pool_forward(x, out, idx, kh, kw, sh, sw, ph, pw, dh, dw):
-        _, chans, h, wd = x.shape
-        oh, ow = out.shape[2], out.shape[3]
+    def pool_forward(xf, h, wd, out, idx, kh, kw, sh, sw, ph, pw, dh, dw):
+        """xf: the input planes of h x wd, flat; one thread per output (a grid-stride loop)."""
+        _, chans, oh, ow = out.shape
         for t in range(cuda.grid(1), out.size, cuda.gridsize(1)):
             j = t % ow
             r = t // ow
@@ -64,29 +66,8 @@ def _naive_pool():
             r //= oh
             c = r % chans
             n = r // chans
-            r0 = i * sh - ph
-            while r0 < 0:  # the first tap inside the input, where PyTorch starts its index
-                r0 += dh
-            c0 = j * sw - pw
-            while c0 < 0:
-                c0 += dw
-            best = -math.inf
-            arg = r0 * wd + c0
-            for p in range(kh):
-                row = i * sh - ph + p * dh
-                if row < 0 or row >= h:
-                    continue
-                for q in range(kw):
-                    col = j * sw - pw + q * dw
-                    if col < 0 or col >= wd:
-                        continue
-                    v = x[n, c, row, col]
-                    # strictly greater keeps the first maximum; the first NaN wins
-                    if v > best or (v != v and best == best):
-                        best = v
-                        arg = row * wd + col
-            out[n, c, i, j] = best
-            idx[n, c, i, j] = arg
+            out[n, c, i, j], idx[n, c, i, j] = window_max(
+                xf, (n * chans + c) * h * wd, h, wd, i, j, kh, kw, sh, sw, ph, pw, dh, dw)
 
     @cuda.jit
     def pool_backward(g, idx, dx, kh, kw, sh, sw, ph, pw, dh, dw):
@@ -115,7 +96,8 @@ def max_pool2d_forward_naive(x, spec, return_indices):
     (xd,) = io.inputs(x)
     out = io.empty(spec.out_shape)
     idx = io.empty(spec.out_shape, np.int64)
-    _launch_flat(_naive_pool().pool_forward, out.size, xd, out, idx, *spec.loop_args)
+    _launch_flat(_naive_pool().pool_forward, out.size, xd.reshape(-1), *spec.x_shape[2:], out,
+                 idx, *spec.loop_args)
     return io.output(out), (io.output(idx) if return_indices else None)
 
 
