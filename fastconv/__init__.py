@@ -1,21 +1,32 @@
-"""fastconv: fast 2-D convolution and max-pool kernels for NumPy neural nets."""
+"""fastconv: fast 2-D convolution and pooling kernels for NumPy neural nets."""
 
 from ._policy import autotune
 from ._registry import BackendUnavailableError, methods
 from ._threads import get_num_threads, set_num_threads
 from ._version import __version__
-from .functional import (choose_method, conv2d, conv2d_backward, max_pool2d,
+from .functional import (adaptive_avg_pool2d, adaptive_avg_pool2d_backward, avg_pool2d,
+                         avg_pool2d_backward, choose_method, conv2d, conv2d_backward,
+                         conv_transpose2d, conv_transpose2d_backward, max_pool2d,
                          max_pool2d_backward)
-from .layers import Conv2D, MaxPool2D
+from .layers import AdaptiveAvgPool2D, AvgPool2D, Conv2D, ConvTranspose2D, MaxPool2D
 
 __all__ = [
+    "AdaptiveAvgPool2D",
+    "AvgPool2D",
     "BackendUnavailableError",
     "Conv2D",
+    "ConvTranspose2D",
     "MaxPool2D",
+    "adaptive_avg_pool2d",
+    "adaptive_avg_pool2d_backward",
     "autotune",
+    "avg_pool2d",
+    "avg_pool2d_backward",
     "choose_method",
     "conv2d",
     "conv2d_backward",
+    "conv_transpose2d",
+    "conv_transpose2d_backward",
     "get_num_threads",
     "max_pool2d",
     "max_pool2d_backward",

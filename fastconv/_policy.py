@@ -78,6 +78,8 @@ def entry(op, spec, times, *, threads, name=None) -> dict:
         "out_hw": list(spec.out_hw),
         "times": {m: float(t) for m, t in times.items()},
     }
+    if spec.layout != "NCHW":
+        e["layout"] = spec.layout
     if hasattr(spec, "w_shape"):
         e["w_shape"], e["groups"] = list(spec.w_shape), spec.groups
     else:
@@ -158,10 +160,21 @@ def merge(old, new):
                                       e["threads"]))
 
 
+#: Ops whose problems, where the table has none of their own, rank as another op's: a
+#: transposed convolution is a conv2d grad-input (its spec is that conv's), its backward a conv
+#: forward and grad-weight; adaptive pools are average pools.
+TABLE_ALIASES = {"conv_transpose2d": "conv2d_backward",
+                 "conv_transpose2d_backward": "conv2d_backward",
+                 "adaptive_avg_pool2d": "avg_pool2d",
+                 "adaptive_avg_pool2d_backward": "avg_pool2d_backward"}
+
+
 def rank(op, spec, names, table: Table, threads):
     """Measured ranking of ``names`` for ``spec``: [(method, seconds), ...] fastest first, from
     the nearest table entry that measured any of them, or [] when the table has none."""
     device = "cuda" if spec.on_device else "cpu"
+    if not any(e["op"] == op and e["device"] == device for e in table.entries):
+        op = TABLE_ALIASES.get(op, op)
     f = _spec_features(spec)
     best, best_d = None, math.inf
     for e, fe in zip(table.entries, table.features):
@@ -173,6 +186,7 @@ def rank(op, spec, names, table: Table, threads):
         d = sum((a - b) ** 2 for a, b in zip(f, fe))
         d += 0.0 if e["dtype"] == spec.dtype else 4.0
         d += (_log2(e["threads"]) - _log2(threads)) ** 2
+        d += 0.0 if e.get("layout", "NCHW") == spec.layout else 2.0
         if d < best_d:
             best, best_d = times, d
     return sorted(best.items(), key=lambda mt: mt[1]) if best else []
@@ -197,16 +211,26 @@ def choose(op, spec, candidates, table: Table, threads):
 def random_arguments(op, spec, rng):
     """Arguments of the kernel entry point for ``op`` on random data shaped like ``spec``."""
     dt = np.dtype(spec.dtype)
+    last = spec.layout == "NHWC"
 
-    def rand(shape):
+    def rand(shape, kind="x"):  # an NCHW / OIHW shape, in the spec's layout
+        if last and len(shape) == 4:
+            shape = tuple(shape[i] for i in ((0, 2, 3, 1) if kind == "x" else (2, 3, 1, 0)))
         return rng.standard_normal(shape).astype(dt)
 
-    if op == "conv2d":
-        b = rand(spec.w_shape[0]) if spec.has_bias else None
-        return (rand(spec.x_shape), rand(spec.w_shape), b, spec)
-    if op == "conv2d_backward":
-        return (rand(spec.out_shape), rand(spec.x_shape), rand(spec.w_shape), spec,
-                True, True, True)
+    if op in ("conv2d", "conv_transpose2d"):
+        k = spec.w_shape[0] if op == "conv2d" else spec.x_shape[1]
+        b = rand((k,)) if spec.has_bias else None
+        x = rand(spec.x_shape if op == "conv2d" else spec.out_shape)
+        return (x, rand(spec.w_shape, "w"), b, spec)
+    if op in ("conv2d_backward", "conv_transpose2d_backward"):
+        x, y = rand(spec.x_shape), rand(spec.out_shape)
+        g, x = (y, x) if op == "conv2d_backward" else (x, y)
+        return (g, x, rand(spec.w_shape, "w"), spec, True, True, True)
+    if op in ("avg_pool2d", "adaptive_avg_pool2d"):
+        return (rand(spec.x_shape), spec)
+    if op in ("avg_pool2d_backward", "adaptive_avg_pool2d_backward"):
+        return (rand(spec.out_shape), spec)
     if op == "max_pool2d":
         return (rand(spec.x_shape), spec, True)
     # max_pool2d_backward: indices of a random tap of each window, clipped into the plane
@@ -218,6 +242,8 @@ def random_arguments(op, spec, rng):
     rows = np.arange(oh).reshape(-1, 1) * sh - ph + rng.integers(0, kh, shape) * dh
     cols = np.arange(ow) * sw - pw + rng.integers(0, kw, shape) * dw
     idx = np.clip(rows, 0, h - 1) * w + np.clip(cols, 0, w - 1)
+    if last:
+        idx = np.ascontiguousarray(idx.transpose(0, 2, 3, 1))
     return (rand(spec.out_shape), idx.astype(np.int64), spec)
 
 
@@ -240,7 +266,7 @@ def time_candidates(op, spec, candidates, args=None, ranking=(), budget=0.2):
     for impl in order:
         if fastest_predicted is not None and predicted.get(impl.method, 0) > 8 * fastest_predicted:
             continue  # the table says it is far slower: not worth a call on a large problem
-        fn = impl.fn
+        fn = impl.kernel(spec)
         fn(*args)
         sync()
         best = math.inf

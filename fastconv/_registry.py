@@ -9,6 +9,15 @@ fails only when it is asked for. Every kernel entry point has one of these signa
                              -> (grad_input, grad_weight, grad_bias), None where not needed
     max_pool2d           fn(x, spec, return_indices) -> (out, indices or None)
     max_pool2d_backward  fn(grad_out, indices, spec) -> grad_input
+    avg_pool2d, adaptive_avg_pool2d                    fn(x, spec) -> out
+    avg_pool2d_backward, adaptive_avg_pool2d_backward  fn(grad_out, spec) -> grad_input
+    conv_transpose2d, conv_transpose2d_backward  as conv2d and conv2d_backward; the spec is
+                         that of the conv2d whose grad-input the transposed convolution is
+
+Arrays come in the spec's layout. An implementation that reads only NCHW is run on NHWC
+arguments through fastconv.kernels.layout (`Impl.kernel`); one registered with
+``layouts=("NCHW", "NHWC")`` reads both. conv_transpose2d is registered over each method's
+conv2d kernels (``over``), see fastconv.kernels.transpose.
 
 Readers (bench, info, tests) use the read API: `implementations`, `describe`, `known`,
 `methods`, `missing`, `candidates`. "auto" is `resolve(op, "auto", spec)`: the policy of
@@ -30,7 +39,9 @@ from .kernels import _parallel
 __all__ = ["BackendUnavailableError", "register", "resolve", "methods", "known",
            "implementations", "implementation", "describe", "candidates", "missing", "OPS"]
 
-OPS = ("conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward")
+OPS = ("conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "avg_pool2d",
+       "avg_pool2d_backward", "adaptive_avg_pool2d", "adaptive_avg_pool2d_backward",
+       "conv_transpose2d", "conv_transpose2d_backward")
 
 
 class BackendUnavailableError(RuntimeError):
@@ -47,10 +58,19 @@ class Impl(NamedTuple):
     unavailable: Callable[[], str | None]  # None when usable here, else the reason
     unsupported: Callable[[object], str | None]  # spec -> None when handled, else the reason
     priority: int
+    layouts: tuple[str, ...] = ("NCHW",)  # the layouts it reads natively
+    over: tuple[str, ...] = ()  # targets that ``target`` is a factory over
 
     @property
     def fn(self):
-        return _load(self.target)
+        """The entry point, for arguments in one of ``layouts``."""
+        return _built(self.target, self.over)
+
+    def kernel(self, spec):
+        """The entry point for arguments in ``spec.layout``."""
+        if spec.layout in self.layouts:
+            return self.fn
+        return _adapted(self.op, self.target, self.over)
 
     def supports(self, spec) -> bool:
         return self.unsupported(spec) is None
@@ -62,6 +82,19 @@ def _load(target):
     return getattr(importlib.import_module(module), name)
 
 
+@functools.cache
+def _built(target, over):
+    fn = _load(target)
+    return fn(*map(_load, over)) if over else fn
+
+
+@functools.cache
+def _adapted(op, target, over):
+    from .kernels import layout
+
+    return layout.adapt(op, _built(target, over))
+
+
 _REGISTRY: dict[tuple[str, str], Impl] = {}
 _memo: dict = {}  # auto's choices: (op, spec, threads, auto state) -> Impl
 
@@ -71,18 +104,20 @@ def _changed():
 
 
 def register(op, method, target, *, device="cpu", unavailable=lambda: None,
-             unsupported=lambda spec: None, priority=0):
+             unsupported=lambda spec: None, priority=0, layouts=("NCHW",), over=()):
     """Add (or replace) an implementation of ``op`` under the name ``method``.
 
     ``unavailable()`` says why the method cannot run on this machine (None when it can);
     ``unsupported(spec)`` why it cannot run this problem (None when it can): every limit an
     implementation has belongs there, so that "auto" never picks a method that then refuses.
     Either may name a ``"module:function"`` target, imported when first called.
+    ``layouts``: the layouts the entry point reads (others are transposed for it). With
+    ``over``, ``target`` names a factory called once with the functions ``over`` names.
     """
     assert op in OPS, op
     _REGISTRY[op, method] = Impl(
         op, method, target, device, functools.cache(_lazy(unavailable)), _lazy(unsupported),
-        priority,
+        priority, tuple(layouts), tuple(over),
     )
     _changed()
 
@@ -278,27 +313,28 @@ def cuda_missing():
 # the registrations: one line per (op, method)
 
 _NAIVE = "fastconv.kernels.naive"
+_IM2COL = "fastconv.kernels.im2col"
+_DIRECT = "fastconv.kernels.direct"
+_POOL = "fastconv.kernels.pool"
+_CUDA = "fastconv.kernels.cuda"
+_GEMM = dict(unavailable=_blas_missing, unsupported=f"{_IM2COL}:unsupported", priority=5)
+_CY = dict(unavailable=_cython_missing, priority=5)
+_LOOPS = dict(unsupported=f"{_DIRECT}:unsupported", priority=10)
+_GPU = dict(device="cuda", unavailable=cuda_missing)
+_AVG = ("avg_pool2d", "adaptive_avg_pool2d")  # one kernel pair: the spec holds the windows
+
 register("conv2d", "naive", f"{_NAIVE}:conv2d_forward")
 register("conv2d_backward", "naive", f"{_NAIVE}:conv2d_backward")
 register("max_pool2d", "naive", f"{_NAIVE}:max_pool2d_forward")
 register("max_pool2d_backward", "naive", f"{_NAIVE}:max_pool2d_backward")
-_IM2COL = "fastconv.kernels.im2col"
-_GEMM = dict(unavailable=_blas_missing, unsupported=f"{_IM2COL}:unsupported", priority=5)
 register("conv2d", "im2col", f"{_IM2COL}:conv2d_forward", **_GEMM)
 register("conv2d_backward", "im2col", f"{_IM2COL}:conv2d_backward", **_GEMM)
-register("max_pool2d", "im2col", f"{_IM2COL}:max_pool2d_forward", unavailable=_cython_missing,
-         priority=5)
-register("max_pool2d_backward", "im2col", f"{_IM2COL}:max_pool2d_backward",
-         unavailable=_cython_missing, priority=5)
-_DIRECT = "fastconv.kernels.direct"
-_LOOPS = dict(unsupported=f"{_DIRECT}:unsupported", priority=10)
+register("max_pool2d", "im2col", f"{_IM2COL}:max_pool2d_forward", **_CY)
+register("max_pool2d_backward", "im2col", f"{_IM2COL}:max_pool2d_backward", **_CY)
 register("conv2d", "direct", f"{_DIRECT}:conv2d_forward", **_LOOPS)
 register("conv2d_backward", "direct", f"{_DIRECT}:conv2d_backward", **_LOOPS)
-register("max_pool2d", "direct", "fastconv.kernels.pool:max_pool2d_forward", priority=10)
-register("max_pool2d_backward", "direct", "fastconv.kernels.pool:max_pool2d_backward",
-         priority=10)
-_CUDA = "fastconv.kernels.cuda"
-_GPU = dict(device="cuda", unavailable=cuda_missing)
+register("max_pool2d", "direct", f"{_POOL}:max_pool2d_forward", priority=10)
+register("max_pool2d_backward", "direct", f"{_POOL}:max_pool2d_backward", priority=10)
 register("conv2d", "cuda-naive", f"{_CUDA}:conv2d_forward_naive", **_GPU)
 register("conv2d_backward", "cuda-naive", f"{_CUDA}:conv2d_backward_naive", **_GPU)
 register("max_pool2d", "cuda-naive", f"{_CUDA}:max_pool2d_forward_naive", **_GPU)
@@ -313,3 +349,26 @@ register("max_pool2d", "cuda-direct", f"{_CUDA}:max_pool2d_forward_direct", **_G
          priority=10)
 register("max_pool2d_backward", "cuda-direct", f"{_CUDA}:max_pool2d_backward_direct", **_GPU,
          priority=10)
+
+for _op in _AVG:
+    register(_op, "naive", f"{_NAIVE}:avg_pool2d_forward")
+    register(f"{_op}_backward", "naive", f"{_NAIVE}:avg_pool2d_backward")
+    register(_op, "im2col", f"{_IM2COL}:avg_pool2d_forward", **_CY)
+    register(f"{_op}_backward", "im2col", f"{_IM2COL}:avg_pool2d_backward", **_CY)
+    register(_op, "direct", f"{_POOL}:avg_pool2d_forward", priority=10)
+    register(f"{_op}_backward", "direct", f"{_POOL}:avg_pool2d_backward", priority=10)
+    register(_op, "cuda-naive", f"{_CUDA}:avg_pool2d_forward_naive", **_GPU)
+    register(f"{_op}_backward", "cuda-naive", f"{_CUDA}:avg_pool2d_backward", **_GPU)
+    register(_op, "cuda-direct", f"{_CUDA}:avg_pool2d_forward_direct", **_GPU, priority=10)
+    register(f"{_op}_backward", "cuda-direct", f"{_CUDA}:avg_pool2d_backward", **_GPU,
+             priority=10)
+
+# conv_transpose2d over each method's conv2d kernels, with that method's limits
+_TRANSPOSE = "fastconv.kernels.transpose"
+for _impl in implementations("conv2d_backward"):
+    _m, _limits = _impl.method, dict(device=_impl.device, unavailable=_impl.unavailable,
+                                     unsupported=_impl.unsupported, priority=_impl.priority)
+    register("conv_transpose2d", _m, f"{_TRANSPOSE}:forward", over=(_impl.target,), **_limits)
+    register("conv_transpose2d_backward", _m, f"{_TRANSPOSE}:backward",
+             over=(_REGISTRY["conv2d", _m].target, _impl.target), **_limits)
+del _op, _impl, _m, _limits

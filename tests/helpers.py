@@ -294,3 +294,75 @@ def ref_max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     c0 = c0 + -(-np.maximum(-c0, 0) // dw) * dw
     start = np.broadcast_to(r0[:, None] * w + c0[None, :], out.shape)
     return out, np.where(out == -np.inf, start, rows * w + cols)
+
+
+def ref_avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False,
+                   count_include_pad=True, divisor_override=None):
+    """Average pooling by loops over output positions, from PyTorch's documented rule: a window
+    ends at most ``padding`` past the input; its divisor counts the padding it covers, or not."""
+    kh, kw = _pair(kernel_size)
+    sh, sw = _pair(stride if stride is not None else kernel_size)
+    ph, pw = _pair(padding)
+    n, c, h, w = x.shape
+
+    def size(L, k, s, p):
+        o = -(-(L + 2 * p - k) // s) + 1 if ceil_mode else (L + 2 * p - k) // s + 1
+        return o - 1 if ceil_mode and (o - 1) * s >= L + p else o
+
+    oh, ow = size(h, kh, sh, ph), size(w, kw, sw, pw)
+    out = np.empty((n, c, oh, ow))
+    for i in range(oh):
+        r0 = i * sh - ph
+        r1 = min(r0 + kh, h + ph)
+        for j in range(ow):
+            c0 = j * sw - pw
+            c1 = min(c0 + kw, w + pw)
+            area = (r1 - r0) * (c1 - c0)
+            a, b, e, f = max(r0, 0), min(r1, h), max(c0, 0), min(c1, w)
+            if divisor_override is not None:
+                div = divisor_override
+            else:
+                div = area if count_include_pad else (b - a) * (f - e)
+            out[:, :, i, j] = np.asarray(x, np.float64)[:, :, a:b, e:f].sum(axis=(2, 3)) / div
+    return out
+
+
+def ref_adaptive_avg_pool2d(x, output_size):
+    """Adaptive average pooling: output row i averages rows floor(i*H/OH) to ceil((i+1)*H/OH)."""
+    n, c, h, w = x.shape
+    oh, ow = _pair(output_size)
+    oh, ow = oh or h, ow or w
+    out = np.empty((n, c, oh, ow))
+    for i in range(oh):
+        a, b = (i * h) // oh, -(-((i + 1) * h) // oh)
+        for j in range(ow):
+            e, f = (j * w) // ow, -(-((j + 1) * w) // ow)
+            out[:, :, i, j] = np.asarray(x, np.float64)[:, :, a:b, e:f].mean(axis=(2, 3))
+    return out
+
+
+def ref_conv_transpose2d(x, w, b=None, stride=1, padding=0, output_padding=0, groups=1,
+                         dilation=1):
+    """Transposed convolution by its definition: every input pixel scatters its weighted kernel
+    into a full-size result, from which ``padding`` is cut (and ``output_padding`` kept)."""
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    oph, opw = _pair(output_padding)
+    dh, dw = _pair(dilation)
+    n, cin, h, wd = x.shape
+    _, cog, r, s = w.shape
+    full = np.zeros((n, cog * groups, (h - 1) * sh + dh * (r - 1) + 1 + oph,
+                     (wd - 1) * sw + dw * (s - 1) + 1 + opw))
+    cig = cin // groups
+    for gi in range(groups):
+        xs = np.asarray(x[:, gi * cig:(gi + 1) * cig], np.float64)
+        for p in range(r):
+            for q in range(s):
+                # (n, cig, h, wd) x (cig, cog) -> (n, cog, h, wd), placed with the stride
+                part = np.einsum("nchw,co->nohw", xs, w[gi * cig:(gi + 1) * cig, :, p, q])
+                full[:, gi * cog:(gi + 1) * cog, p * dh:p * dh + (h - 1) * sh + 1:sh,
+                     q * dw:q * dw + (wd - 1) * sw + 1:sw] += part
+    oh = (h - 1) * sh - 2 * ph + dh * (r - 1) + oph + 1
+    ow = (wd - 1) * sw - 2 * pw + dw * (s - 1) + opw + 1
+    out = full[:, :, ph:ph + oh, pw:pw + ow]
+    return out if b is None else out + np.asarray(b).reshape(-1, 1, 1)

@@ -104,6 +104,31 @@ def _all_specs():
         idx = np.zeros(spec.out_shape, np.int64)
         yield "max_pool2d_backward", _validate.max_pool2d_backward(
             np.zeros(spec.out_shape), idx, x.shape, *args)[-1]
+    x = np.zeros((2, 3, 11, 9))
+    for lay in ("NCHW", "NHWC"):
+        xl = x if lay == "NCHW" else x.transpose(0, 2, 3, 1)
+        for opts in ((3, 2, 1, True, False, None), (2, None, 0, False, True, 3)):
+            spec = _validate.avg_pool2d(xl, *opts, lay)[-1]
+            yield "avg_pool2d", spec
+            g = np.zeros(_validate._shown(spec.out_shape, lay))
+            yield "avg_pool2d_backward", _validate.avg_pool2d_backward(g, xl.shape, *opts,
+                                                                       lay)[-1]
+        for size in (1, (4, 3)):
+            spec = _validate.adaptive_avg_pool2d(xl, size, lay)[-1]
+            yield "adaptive_avg_pool2d", spec
+            g = np.zeros(_validate._shown(spec.out_shape, lay))
+            yield "adaptive_avg_pool2d_backward", _validate.adaptive_avg_pool2d_backward(
+                g, xl.shape, size, lay)[-1]
+        w = np.zeros((3, 2, 2, 2) if lay == "NCHW" else (2, 2, 2, 3))
+        for opts in ((2, 0, 0, 1, 1), (2, 1, 1, 1, 1)):
+            spec = _validate.conv_transpose2d(xl, w, None, *opts, lay)[-1]
+            yield "conv_transpose2d", spec
+            g = np.zeros(_validate._shown(spec.x_shape, lay))
+            yield "conv_transpose2d_backward", _validate.conv_transpose2d_backward(
+                g, xl, w, *opts, lay)[-1]
+        wc = np.zeros((4, 3, 3, 3) if lay == "NCHW" else (3, 3, 3, 4))
+        spec = _validate.conv2d(xl, wc, None, 1, 1, 1, 1, lay)[-1]
+        yield "conv2d", spec
 
 
 @pytest.mark.parametrize("use_table", [False, True], ids=["priority", "table"])
@@ -316,14 +341,16 @@ def test_autotune_cache_true_uses_the_user_cache_dir(tmp_path, monkeypatch):
 @pytest.mark.parametrize("op", _registry.OPS)
 def test_autotune_runs_every_op_with_the_real_methods(op):
     """Random inputs of every op are valid for every registered CPU method."""
-    specs = [s for o, s in _all_specs() if o == op][:2]
+    specs = [s for o, s in _all_specs() if o == op]
+    specs = specs[:2] + specs[-1:]  # the last, for the new ops, is channels-last
     with fc.autotune():
         for spec in specs:
             impl = _registry.resolve(op, "auto", spec)
             assert impl in _registry.candidates(op, spec)
-    cands = _registry.candidates(op, specs[0])
-    times = _policy.time_candidates(op, specs[0], cands)
-    assert set(times) == {i.method for i in cands} and all(t > 0 for t in times.values())
+    for spec in (specs[0], specs[-1]):
+        cands = _registry.candidates(op, spec)
+        times = _policy.time_candidates(op, spec, cands)
+        assert set(times) == {i.method for i in cands} and all(t > 0 for t in times.values())
 
 
 def test_environment_turns_autotune_on(tmp_path):

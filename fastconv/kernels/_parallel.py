@@ -14,7 +14,7 @@ import threading
 
 import numpy as np
 
-__all__ = ["run", "team_size", "conv_work_ns", "pool_work_ns", "MIN_PARALLEL_NS"]
+__all__ = ["run", "team_size", "conv_work_ns", "pool_work_ns", "box_work_ns", "MIN_PARALLEL_NS"]
 
 #: Work (estimated single-thread nanoseconds) below which a kernel runs on the calling thread:
 #: a few hand-offs' worth (measured: benchmarks/RESULTS.md, "Threads").
@@ -26,6 +26,13 @@ count = 1  # set by fastconv._threads at import and by set_num_threads
 def conv_work_ns(spec, share=1.0):
     """Single-thread time estimate of ``share`` of a conv pass (about 25 GFLOP/s a core)."""
     return int(share * spec.flops / 25)
+
+
+def box_work_ns(spec):
+    """Single-thread time estimate of an average pool, as the hand-off sees it (memory-bound,
+    as `pool_work_ns`): half a nanosecond per input element."""
+    n, c, h, w = spec.x_shape
+    return n * c * h * w // 2
 
 
 def pool_work_ns(spec, backward=False):

@@ -216,3 +216,106 @@ def max_pool_backward(const floating[:, :, :, ::1] grad_out, const int64_t[:, :,
     if bad:
         raise ValueError(f"max_pool_backward: {bad} indices lie outside [0, {HW}), the "
                          f"{xs[2]}x{xs[3]} input plane")
+
+
+# ---------------------------------------------------------------------------------------------
+# average pools: fixed and adaptive windows alike, from their window tables (see
+# fastconv.kernels._window.box_windows); double accumulators
+
+
+cdef int _check_box(str name, tuple x_shape, tuple y_shape, const int64_t[:, ::1] rows,
+                    const int64_t[:, ::1] cols) except -1:
+    cdef Py_ssize_t i
+    if x_shape[:2] != y_shape[:2] or rows.shape[0] != y_shape[2] or cols.shape[0] != y_shape[3] \
+            or rows.shape[1] != 3 or cols.shape[1] != 3:
+        raise ValueError(f"{name}: input of shape {x_shape}, output of shape {y_shape} and "
+                         f"window tables of {rows.shape[0]} and {cols.shape[0]} rows do not fit")
+    for i in range(rows.shape[0]):
+        if not 0 <= rows[i, 0] <= rows[i, 1] <= x_shape[2]:
+            raise ValueError(f"{name}: window row {i} is outside the input")
+    for i in range(cols.shape[0]):
+        if not 0 <= cols[i, 0] <= cols[i, 1] <= x_shape[3]:
+            raise ValueError(f"{name}: window column {i} is outside the input")
+    return 0
+
+
+def box_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
+                const int64_t[:, ::1] rows, const int64_t[:, ::1] cols, int64_t[::1] counter):
+    """``out[n, c, i, j]``: the sum of window (i, j) of plane (n, c) over its divisor.
+
+    Window row ``i`` spans input rows ``rows[i, 0] <= h < rows[i, 1]`` and its divisor is
+    ``rows[i, 2] * cols[j, 2]``; columns likewise. Planes are claimed from ``counter``.
+    """
+    cdef tuple xs = (x.shape[0], x.shape[1], x.shape[2], x.shape[3])
+    cdef tuple ys = (out.shape[0], out.shape[1], out.shape[2], out.shape[3])
+    _check_box("box_forward", xs, ys, rows, cols)
+    cdef Py_ssize_t n_planes = xs[0] * xs[1], H = xs[2], W = xs[3], oh = ys[2], ow = ys[3]
+    if n_planes * oh * ow == 0:
+        return
+    cdef double* acc = <double*>malloc(W * sizeof(double))
+    if acc == NULL:
+        raise MemoryError()
+    cdef Py_ssize_t plane, i, j, r, q
+    cdef const floating* src
+    cdef double total
+    cdef int64_t* cp = &counter[0]
+    with nogil:
+        plane = claim(cp)
+        while plane < n_planes:
+            for i in range(oh):
+                for q in range(W):
+                    acc[q] = 0
+                for r in range(rows[i, 0], rows[i, 1]):
+                    src = &x[0, 0, 0, 0] + (plane * H + r) * W
+                    for q in range(W):
+                        acc[q] += src[q]
+                for j in range(ow):
+                    total = 0
+                    for q in range(cols[j, 0], cols[j, 1]):
+                        total += acc[q]
+                    (&out[0, 0, 0, 0])[(plane * oh + i) * ow + j] = <floating>(
+                        total / (rows[i, 2] * cols[j, 2]))
+            plane = claim(cp)
+    free(acc)
+
+
+def box_backward(const floating[:, :, :, ::1] grad_out, floating[:, :, :, ::1] dx,
+                 const int64_t[:, ::1] rows, const int64_t[:, ::1] cols, int64_t[::1] counter):
+    """``dx``, overwritten: each ``grad_out`` entry over its divisor, added to every pixel of
+    its window, plane by plane in a fixed order. Planes are claimed from ``counter``."""
+    cdef tuple gs = (grad_out.shape[0], grad_out.shape[1], grad_out.shape[2], grad_out.shape[3])
+    cdef tuple xs = (dx.shape[0], dx.shape[1], dx.shape[2], dx.shape[3])
+    _check_box("box_backward", xs, gs, rows, cols)
+    cdef Py_ssize_t n_planes = xs[0] * xs[1], H = xs[2], W = xs[3], oh = gs[2], ow = gs[3]
+    if n_planes * H * W == 0:
+        return
+    cdef double* buf = <double*>malloc((W + H * W) * sizeof(double))
+    if buf == NULL:
+        raise MemoryError()
+    cdef double* spread = buf
+    cdef double* acc = buf + W
+    cdef Py_ssize_t plane, i, j, r, q, t
+    cdef double v
+    cdef floating* d
+    cdef int64_t* cp = &counter[0]
+    with nogil:
+        plane = claim(cp)
+        while plane < n_planes:
+            for t in range(H * W):
+                acc[t] = 0
+            for i in range(oh):
+                for q in range(W):
+                    spread[q] = 0
+                for j in range(ow):
+                    v = (&grad_out[0, 0, 0, 0])[(plane * oh + i) * ow + j] / (
+                        rows[i, 2] * cols[j, 2])
+                    for q in range(cols[j, 0], cols[j, 1]):
+                        spread[q] += v
+                for r in range(rows[i, 0], rows[i, 1]):
+                    for q in range(W):
+                        acc[r * W + q] += spread[q]
+            d = &dx[0, 0, 0, 0] + plane * H * W
+            for t in range(H * W):
+                d[t] = <floating>acc[t]
+            plane = claim(cp)
+    free(buf)

@@ -781,6 +781,8 @@ def _depthwise_backward(g, x, w, spec, need_input, need_weight, need_bias):
     dx = np.empty(spec.x_shape if need_input else (1, 1, 1, 1), dtype=spec.dtype)
     part_w = np.empty((n, c, r * s) if need_weight else (1, 1, 1), dtype=spec.dtype)
     part_b = np.empty((n, c) if need_bias else (1, 1), dtype=spec.dtype)
+    if x is None:  # grad-input alone (conv_transpose2d): x is never read, dx has its shape
+        x = dx
     # offsets of group (channel) 0 are those of every plane, relative to its start
     args = (x, g, ph.offs[0], wpk, dx, xoffs[0], uniq, part_w, part_b,
             (need_input, need_weight, need_bias),

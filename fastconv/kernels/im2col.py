@@ -89,6 +89,7 @@ import numpy as np
 
 from . import _im2col, _parallel, _pool
 from ._numba import cdiv as _cdiv
+from ._window import box_windows
 
 __all__ = [
     "unsupported",
@@ -96,6 +97,8 @@ __all__ = [
     "conv2d_backward",
     "max_pool2d_forward",
     "max_pool2d_backward",
+    "avg_pool2d_forward",
+    "avg_pool2d_backward",
     "serial_blas",
     "plan",
     "geometry",
@@ -280,4 +283,24 @@ def max_pool2d_backward(g, idx, spec):
     planes = spec.x_shape[0] * spec.x_shape[1]
     _parallel.run(_pool.max_pool_backward, (g, idx, dx), planes,
                   _parallel.pool_work_ns(spec, backward=True))
+    return dx
+
+
+# ---------------------------------------------------------------------------------------------
+# average pools
+
+
+def avg_pool2d_forward(x, spec):
+    t = box_windows(spec)
+    out = np.empty(spec.out_shape, dtype=spec.dtype)
+    _parallel.run(_pool.box_forward, (x, out, t.rows, t.cols),
+                  spec.x_shape[0] * spec.x_shape[1], _parallel.box_work_ns(spec))
+    return out
+
+
+def avg_pool2d_backward(g, spec):
+    t = box_windows(spec)
+    dx = np.empty(spec.x_shape, dtype=spec.dtype)
+    _parallel.run(_pool.box_backward, (g, dx, t.rows, t.cols),
+                  spec.x_shape[0] * spec.x_shape[1], _parallel.box_work_ns(spec))
     return dx

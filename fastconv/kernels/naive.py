@@ -9,9 +9,10 @@ import numpy as np
 from numba import njit
 
 from . import NUMBA_CACHE
-from ._window import window_max
+from ._window import box_windows, window_max
 
-__all__ = ["conv2d_forward", "conv2d_backward", "max_pool2d_forward", "max_pool2d_backward"]
+__all__ = ["conv2d_forward", "conv2d_backward", "max_pool2d_forward", "max_pool2d_backward",
+           "avg_pool2d_forward", "avg_pool2d_backward"]
 
 
 @njit(cache=NUMBA_CACHE, nogil=True)
@@ -156,7 +157,6 @@ def _pool_backward_nchw(g, idx, dx):
                     dx[n, c, k // wd, k % wd] += g[n, c, i, j]
 
 
-
 def max_pool2d_forward(x, spec, return_indices):
     out = np.empty(spec.out_shape, dtype=spec.dtype)
     idx = np.empty(spec.out_shape, dtype=np.int64)
@@ -167,4 +167,51 @@ def max_pool2d_forward(x, spec, return_indices):
 def max_pool2d_backward(g, idx, spec):
     dx = np.zeros(spec.x_shape, dtype=spec.dtype)
     _pool_backward_nchw(g, idx, dx)
+    return dx
+
+
+# ---------------------------------------------------------------------------------------------
+# average pools (fixed and adaptive windows alike: see fastconv.kernels._window.box_windows)
+
+
+@njit(cache=NUMBA_CACHE, nogil=True)
+def _box_forward_nchw(x, out, rows, cols):
+    n_batch, chans, oh, ow = out.shape
+    for n in range(n_batch):
+        for c in range(chans):
+            for i in range(oh):
+                for j in range(ow):
+                    acc = 0.0
+                    for r in range(rows[i, 0], rows[i, 1]):
+                        for q in range(cols[j, 0], cols[j, 1]):
+                            acc += x[n, c, r, q]
+                    out[n, c, i, j] = acc / (rows[i, 2] * cols[j, 2])
+
+
+@njit(cache=NUMBA_CACHE, nogil=True)
+def _box_backward_nchw(g, dx, rows, cols):
+    n_batch, chans, oh, ow = g.shape
+    acc = np.zeros(dx.shape, dtype=np.float64)
+    for n in range(n_batch):
+        for c in range(chans):
+            for i in range(oh):
+                for j in range(ow):
+                    v = g[n, c, i, j] / (rows[i, 2] * cols[j, 2])
+                    for r in range(rows[i, 0], rows[i, 1]):
+                        for q in range(cols[j, 0], cols[j, 1]):
+                            acc[n, c, r, q] += v
+    dx[...] = acc
+
+
+def avg_pool2d_forward(x, spec):
+    t = box_windows(spec)
+    out = np.empty(spec.out_shape, dtype=spec.dtype)
+    _box_forward_nchw(x, out, t.rows, t.cols)
+    return out
+
+
+def avg_pool2d_backward(g, spec):
+    t = box_windows(spec)
+    dx = np.empty(spec.x_shape, dtype=spec.dtype)
+    _box_backward_nchw(g, dx, t.rows, t.cols)
     return dx

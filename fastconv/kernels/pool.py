@@ -19,9 +19,10 @@ from numba import int32, int64, literally, njit, uint64
 
 from . import NUMBA_CACHE, _parallel
 from ._numba import cdiv, claim, wide
-from ._window import window_max
+from ._window import box_windows, window_max
 
-__all__ = ["max_pool2d_forward", "max_pool2d_backward"]
+__all__ = ["max_pool2d_forward", "max_pool2d_backward", "avg_pool2d_forward",
+           "avg_pool2d_backward"]
 
 
 @njit(cache=NUMBA_CACHE, nogil=True)
@@ -232,7 +233,6 @@ def _pool_backward_plane(nc, g, idx, dx):
         df[d0 + uint64(af[g0 + t])] += gf[g0 + t]
 
 
-
 def max_pool2d_forward(x, spec, return_indices):
     out = np.empty(spec.out_shape, dtype=spec.dtype)
     idx = np.empty(spec.out_shape if return_indices else (1, 1, 1, 1), dtype=np.int64)
@@ -245,4 +245,82 @@ def max_pool2d_backward(g, idx, spec):
     dx = np.empty(spec.x_shape, dtype=spec.dtype)
     _parallel.run(_pool_backward_nchw, (g, idx, dx), spec.x_shape[0] * spec.x_shape[1],
                   _parallel.pool_work_ns(spec, backward=True))
+    return dx
+
+
+# ---------------------------------------------------------------------------------------------
+# average pools, fixed and adaptive windows alike (fastconv.kernels._window.box_windows): per
+# plane, the rows of each window row are summed into one accumulator row (a vector loop over
+# the plane's width), then each window's columns of it; float64 accumulators. Backward
+# spreads each window row's gradients over a column row, then adds it to the window's rows.
+
+
+@njit(cache=NUMBA_CACHE, nogil=True)
+def _box_forward_nchw(x, out, rows, cols, counter):
+    """(n, c) planes claimed from counter."""
+    n_planes = x.shape[0] * x.shape[1]
+    h, w = x.shape[2], x.shape[3]
+    oh, ow = out.shape[2], out.shape[3]
+    xf, of = x.reshape(-1), out.reshape(-1)
+    acc = np.empty(w, dtype=np.float64)
+    nc = claim(counter)
+    while nc < n_planes:
+        base = nc * h * w
+        for i in range(oh):
+            for q in range(w):
+                acc[q] = 0.0
+            for r in range(rows[i, 0], rows[i, 1]):
+                row = base + r * w
+                for q in range(w):
+                    acc[q] += xf[row + q]
+            for j in range(ow):
+                total = 0.0
+                for q in range(cols[j, 0], cols[j, 1]):
+                    total += acc[q]
+                of[(nc * oh + i) * ow + j] = total / (rows[i, 2] * cols[j, 2])
+        nc = claim(counter)
+
+
+@njit(cache=NUMBA_CACHE, nogil=True)
+def _box_backward_nchw(g, dx, rows, cols, counter):
+    """(n, c) planes claimed from counter; each plane summed in a fixed order."""
+    n_planes = dx.shape[0] * dx.shape[1]
+    h, w = dx.shape[2], dx.shape[3]
+    oh, ow = g.shape[2], g.shape[3]
+    gf, df = g.reshape(-1), dx.reshape(-1)
+    spread = np.empty(w, dtype=np.float64)
+    plane = np.empty(h * w, dtype=np.float64)
+    nc = claim(counter)
+    while nc < n_planes:
+        for t in range(h * w):
+            plane[t] = 0.0
+        for i in range(oh):
+            for q in range(w):
+                spread[q] = 0.0
+            for j in range(ow):
+                v = gf[(nc * oh + i) * ow + j] / (rows[i, 2] * cols[j, 2])
+                for q in range(cols[j, 0], cols[j, 1]):
+                    spread[q] += v
+            for r in range(rows[i, 0], rows[i, 1]):
+                for q in range(w):
+                    plane[r * w + q] += spread[q]
+        base = nc * h * w
+        for t in range(h * w):
+            df[base + t] = plane[t]
+        nc = claim(counter)
+
+
+def avg_pool2d_forward(x, spec):
+    t = box_windows(spec)
+    out = np.empty(spec.out_shape, dtype=spec.dtype)
+    _parallel.run(_box_forward_nchw, (x, out, t.rows, t.cols),
+                  spec.x_shape[0] * spec.x_shape[1], _parallel.box_work_ns(spec))
+    return out
+
+
+def avg_pool2d_backward(g, spec):
+    t = box_windows(spec)
+    dx = np.empty(spec.x_shape, dtype=spec.dtype)
+    _parallel.run(_box_backward_nchw, (g, dx, t.rows, t.cols),
+                  spec.x_shape[0] * spec.x_shape[1], _parallel.box_work_ns(spec))
     return dx

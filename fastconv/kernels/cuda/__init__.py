@@ -1,4 +1,4 @@
-"""conv2d and max-pool on an NVIDIA GPU through Numba CUDA: cuda-naive, cuda-im2col, cuda-direct.
+"""conv2d and pooling on an NVIDIA GPU through Numba CUDA: cuda-naive, cuda-im2col, cuda-direct.
 
 Inputs are already validated (see fastconv._validate). Host arrays arrive C-contiguous in
 ``spec.dtype``; they are copied to the device and the results copied back. Device arrays
@@ -22,7 +22,8 @@ stride, dilation and tile configuration are compile-time constants) on first use
 
 Modules: ``_common`` (the binding of ``numba.cuda``, launch helpers, elementwise kernels),
 ``_memory`` and ``_devpool`` (device arrays, host/device copies, workspaces), ``naive``,
-``im2col`` and ``direct`` (conv2d), ``pool`` (max-pool).
+``im2col`` and ``direct`` (conv2d), ``pool`` (max, average and adaptive pools), ``arrays``
+(permuted copies, bias and channel sums for the layout and conv_transpose2d adapters).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from ._memory import empty_cache
 from .direct import conv2d_backward_direct, conv2d_forward_direct
 from .im2col import conv2d_backward_im2col, conv2d_forward_im2col
 from .naive import conv2d_backward_naive, conv2d_forward_naive
-from .pool import (max_pool2d_backward_direct, max_pool2d_backward_naive,
+from .pool import (avg_pool2d_backward, avg_pool2d_forward_direct, avg_pool2d_forward_naive,
+                   max_pool2d_backward_direct, max_pool2d_backward_naive,
                    max_pool2d_forward_direct, max_pool2d_forward_naive)
 
 __all__ = [
@@ -40,5 +42,6 @@ __all__ = [
     "conv2d_forward_direct", "conv2d_backward_direct",
     "max_pool2d_forward_naive", "max_pool2d_backward_naive",
     "max_pool2d_forward_direct", "max_pool2d_backward_direct",
+    "avg_pool2d_forward_naive", "avg_pool2d_forward_direct", "avg_pool2d_backward",
     "empty_cache",
 ]

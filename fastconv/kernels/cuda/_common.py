@@ -114,7 +114,37 @@ def _elementwise():
                 db[k] = acc
             cuda.syncthreads()
 
-    return _ns(copy1=copy1, copy4=copy4, bias_grad=bias_grad)
+    @cuda.jit
+    def add_bias(out, b):
+        d1, d2, d3 = out.shape[1], out.shape[2], out.shape[3]
+        for t in range(cuda.grid(1), out.size, cuda.gridsize(1)):
+            a = t // (d1 * d2 * d3)
+            r = t - a * (d1 * d2 * d3)
+            k = r // (d2 * d3)
+            r -= k * (d2 * d3)
+            c = r // d3
+            out[a, k, c, r - c * d3] += b[k]
+
+    @cuda.jit
+    def permute4(src, dst, p0, p1, p2, p3):
+        """dst[i0, i1, i2, i3] = src at the index whose axis p_k is i_k."""
+        d1, d2, d3 = dst.shape[1], dst.shape[2], dst.shape[3]
+        idx = cuda.local.array(4, np.int64)
+        for t in range(cuda.grid(1), dst.size, cuda.gridsize(1)):
+            a = t // (d1 * d2 * d3)
+            r = t - a * (d1 * d2 * d3)
+            b = r // (d2 * d3)
+            r -= b * (d2 * d3)
+            c = r // d3
+            e = r - c * d3
+            idx[p0] = a
+            idx[p1] = b
+            idx[p2] = c
+            idx[p3] = e
+            dst[a, b, c, e] = src[idx[0], idx[1], idx[2], idx[3]]
+
+    return _ns(copy1=copy1, copy4=copy4, bias_grad=bias_grad, add_bias=add_bias,
+               permute4=permute4)
 
 
 def _ns(**kw):
@@ -124,7 +154,8 @@ def _ns(**kw):
 
 
 def _bias_grad(gd, spec, io):
-    db = io.empty(spec.w_shape[0])
-    blocks = min(spec.w_shape[0], 2 if _sim() else 65535)
+    """The sums of ``gd``'s channels (axis 1), on the device."""
+    db = io.empty(gd.shape[1])
+    blocks = min(gd.shape[1], 2 if _sim() else 65535)
     _elementwise().bias_grad[blocks, 4 if _sim() else _TPB](gd, db)
     return db

@@ -23,6 +23,7 @@ from ._common import (_SHARED_BYTES, _cuda, _launch_flat, _nbtype, _ns, _sim,
                       _tiles)
 from ._memory import _Io
 from .. import _window
+from .._window import box_windows
 
 cuda = None  # numba.cuda, bound by _cuda(globals()) on first use
 
@@ -318,3 +319,118 @@ def max_pool2d_backward_direct(g, idx, spec):
     kern[n * c * tiles, (tpx, tpy)](gd, idd, dx, *spec.padding, tiles_w, tiles)
     _launch_flat(_pool_strays_kernel(), gd.size, gd, idd, dx, *spec.loop_args)
     return io.output(dx)
+
+
+# ---------------------------------------------------------------------------------------------
+# average pools, fixed and adaptive windows alike (fastconv.kernels._window.box_windows).
+# cuda-naive: a thread per output sums its window; backward, a thread per input pixel gathers
+# the windows that contain it (their rows and columns are contiguous ranges). cuda-direct: a
+# block per output sums a large window together (shared-memory reduction in a fixed order).
+
+_REDUCE_THREADS = 128
+_REDUCE_FROM = 64  # window elements from which a block per output pays
+
+
+@functools.cache
+def _box_kernels():
+    _cuda(globals())
+
+    @cuda.jit
+    def forward(x, out, rows, cols):
+        _, chans, oh, ow = out.shape
+        for t in range(cuda.grid(1), out.size, cuda.gridsize(1)):
+            j = t % ow
+            r = t // ow
+            i = r % oh
+            r //= oh
+            c = r % chans
+            n = r // chans
+            acc = 0.0
+            for y in range(rows[i, 0], rows[i, 1]):
+                for q in range(cols[j, 0], cols[j, 1]):
+                    acc += x[n, c, y, q]
+            out[n, c, i, j] = acc / (rows[i, 2] * cols[j, 2])
+
+    @cuda.jit
+    def backward(g, dx, rows, cols, row_users, col_users):
+        _, chans, h, wd = dx.shape
+        for t in range(cuda.grid(1), dx.size, cuda.gridsize(1)):
+            q = t % wd
+            r = t // wd
+            y = r % h
+            r //= h
+            c = r % chans
+            n = r // chans
+            acc = 0.0
+            for i in range(row_users[y, 0], row_users[y, 1]):
+                for j in range(col_users[q, 0], col_users[q, 1]):
+                    acc += g[n, c, i, j] / (rows[i, 2] * cols[j, 2])
+            dx[n, c, y, q] = acc
+
+    @cuda.jit
+    def forward_reduce(x, out, rows, cols):
+        """A block per output: its threads take the window's elements in turn."""
+        _, chans, oh, ow = out.shape
+        part = cuda.shared.array(_REDUCE_THREADS, np.float64)
+        t = cuda.blockIdx.x
+        j = t % ow
+        r = t // ow
+        i = r % oh
+        r //= oh
+        c = r % chans
+        n = r // chans
+        r0, c0 = rows[i, 0], cols[j, 0]
+        width = cols[j, 1] - c0
+        size = (rows[i, 1] - r0) * width
+        acc = 0.0
+        for e in range(cuda.threadIdx.x, size, _REDUCE_THREADS):
+            acc += x[n, c, r0 + e // width, c0 + e % width]
+        part[cuda.threadIdx.x] = acc
+        cuda.syncthreads()
+        step = _REDUCE_THREADS // 2
+        while step > 0:
+            if cuda.threadIdx.x < step:
+                part[cuda.threadIdx.x] += part[cuda.threadIdx.x + step]
+            cuda.syncthreads()
+            step //= 2
+        if cuda.threadIdx.x == 0:
+            out[n, c, i, j] = part[0] / (rows[i, 2] * cols[j, 2])
+
+    return _ns(forward=forward, backward=backward, forward_reduce=forward_reduce)
+
+
+def _tables(io, spec):
+    t = box_windows(spec)
+    return t, io.inputs(*(np.ascontiguousarray(a) for a in t))
+
+
+def avg_pool2d_forward_naive(x, spec):
+    io = _Io(spec)
+    (xd,) = io.inputs(x)
+    _, (rows, cols, _, _) = _tables(io, spec)
+    out = io.empty(spec.out_shape)
+    _launch_flat(_box_kernels().forward, out.size, xd, out, rows, cols)
+    return io.output(out)
+
+
+def avg_pool2d_backward(g, spec):
+    """Both methods: a thread per input pixel gathers (deterministic, no atomics)."""
+    io = _Io(spec)
+    (gd,) = io.inputs(g)
+    _, tables = _tables(io, spec)
+    dx = io.empty(spec.x_shape)
+    _launch_flat(_box_kernels().backward, dx.size, gd, dx, *tables)
+    return io.output(dx)
+
+
+def avg_pool2d_forward_direct(x, spec):
+    t = box_windows(spec)
+    largest = int((t.rows[:, 1] - t.rows[:, 0]).max()) * int((t.cols[:, 1] - t.cols[:, 0]).max())
+    if largest < _REDUCE_FROM:
+        return avg_pool2d_forward_naive(x, spec)
+    io = _Io(spec)
+    (xd,) = io.inputs(x)
+    _, (rows, cols, _, _) = _tables(io, spec)
+    out = io.empty(spec.out_shape)
+    _box_kernels().forward_reduce[out.size, _REDUCE_THREADS](xd, out, rows, cols)
+    return io.output(out)

@@ -1,0 +1,151 @@
+"""layout="NHWC" (channels-last x, HWIO filters) on every conv and pool function and method:
+the same numbers as NCHW on transposed arrays, whether the method reads NHWC natively or not."""
+
+import numpy as np
+import pytest
+
+import fastconv as fc
+from helpers import DTYPES, checked, conv_cases, is_cuda, method_params, to_host, tol
+
+X_IN, X_OUT = (0, 2, 3, 1), (0, 3, 1, 2)  # NCHW -> NHWC, NHWC -> NCHW
+W_IN, W_OUT = (2, 3, 1, 0), (3, 2, 0, 1)  # OIHW -> HWIO, HWIO -> OIHW
+
+
+def nhwc(a):
+    return np.ascontiguousarray(a.transpose(X_IN))
+
+
+def hwio(w):
+    return np.ascontiguousarray(w.transpose(W_IN))
+
+
+def _conv_params():
+    return [pytest.param(m.values[0], c, marks=m.marks, id=f"{m.id}-{c.name}")
+            for m in method_params("conv2d") for c in conv_cases(m.values[0])]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("method,case", _conv_params())
+def test_conv2d_nhwc_is_nchw_transposed(method, case, dtype):
+    x, w, b = case.arrays(dtype, seed=31, n=1 if is_cuda(method) else None)
+    want = fc.conv2d(x, w, b, **case.conf, method="naive")
+    y = to_host(checked(fc.conv2d, nhwc(x), hwio(w), b, **case.conf, layout="NHWC",
+                        method=method))
+    assert y.dtype == dtype and y.flags.c_contiguous
+    np.testing.assert_allclose(y.transpose(X_OUT), want, **tol(dtype, case.reduction))
+    g = np.random.default_rng(32).standard_normal(want.shape).astype(dtype)
+    ref = fc.conv2d_backward(g, x, w, **case.conf, method="naive")
+    got = fc.conv2d_backward(nhwc(g), nhwc(x), hwio(w), **case.conf, layout="NHWC",
+                             method=method)
+    n_pos = g.size // g.shape[1]
+    np.testing.assert_allclose(to_host(got.grad_input).transpose(X_OUT), ref.grad_input,
+                               **tol(dtype, case.reduction))
+    np.testing.assert_allclose(to_host(got.grad_weight).transpose(W_OUT), ref.grad_weight,
+                               **tol(dtype, n_pos))
+    np.testing.assert_allclose(to_host(got.grad_bias), ref.grad_bias, **tol(dtype, n_pos))
+
+
+TRANSPOSED = [dict(stride=2), dict(stride=2, padding=1, output_padding=1, groups=2),
+              dict(dilation=2, padding=1)]
+
+
+@pytest.mark.parametrize("opts", TRANSPOSED, ids=str)
+@pytest.mark.parametrize("method", method_params("conv_transpose2d"))
+def test_conv_transpose2d_nhwc_is_nchw_transposed(method, opts):
+    rng = np.random.default_rng(33)
+    x, w, b = rng.standard_normal((2, 4, 5, 4)), rng.standard_normal((4, 3, 3, 2)), np.ones(
+        3 * opts.get("groups", 1))
+    want = fc.conv_transpose2d(x, w, b, **opts, method="naive")
+    y = to_host(fc.conv_transpose2d(nhwc(x), hwio(w), b, **opts, layout="NHWC", method=method))
+    np.testing.assert_allclose(y.transpose(X_OUT), want, rtol=1e-12, atol=1e-12)
+    g = rng.standard_normal(want.shape)
+    ref = fc.conv_transpose2d_backward(g, x, w, **opts, method="naive")
+    got = fc.conv_transpose2d_backward(nhwc(g), nhwc(x), hwio(w), **opts, layout="NHWC",
+                                       method=method)
+    np.testing.assert_allclose(to_host(got[0]).transpose(X_OUT), ref[0], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(to_host(got[1]).transpose(W_OUT), ref[1], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(to_host(got[2]), ref[2], rtol=1e-12)
+
+
+MAX = [dict(kernel_size=2), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True),
+       dict(kernel_size=(3, 2), stride=(1, 2), padding=(1, 1), dilation=(2, 1))]
+
+
+@pytest.mark.parametrize("opts", MAX, ids=str)
+@pytest.mark.parametrize("method", method_params("max_pool2d"))
+def test_max_pool_nhwc_is_nchw_transposed(method, opts):
+    x = np.random.default_rng(34).permutation(2 * 3 * 9 * 8).reshape(2, 3, 9, 8) / 5.0
+    y, idx = fc.max_pool2d(x, **opts, return_indices=True, method="naive")
+    yn, idxn = fc.max_pool2d(nhwc(x), **opts, return_indices=True, layout="NHWC",
+                             method=method)
+    np.testing.assert_array_equal(to_host(yn).transpose(X_OUT), y)
+    np.testing.assert_array_equal(to_host(idxn).transpose(X_OUT), idx)
+    g = np.random.default_rng(35).standard_normal(y.shape)
+    dx = fc.max_pool2d_backward(g, idx, x.shape, **opts, method="naive")
+    dxn = fc.max_pool2d_backward(nhwc(g), to_host(idxn), nhwc(x).shape, **opts, layout="NHWC",
+                                 method=method)
+    np.testing.assert_allclose(to_host(dxn).transpose(X_OUT), dx, rtol=1e-12, atol=1e-12)
+
+
+AVG = [("avg_pool2d", dict(kernel_size=3, stride=2, padding=1, ceil_mode=True,
+                           count_include_pad=False)),
+       ("avg_pool2d", dict(kernel_size=2)),
+       ("adaptive_avg_pool2d", dict(output_size=1)),
+       ("adaptive_avg_pool2d", dict(output_size=(4, 3)))]
+
+
+@pytest.mark.parametrize("op,opts", AVG, ids=str)
+@pytest.mark.parametrize("method", method_params("avg_pool2d"))
+def test_average_pools_nhwc_are_nchw_transposed(method, op, opts):
+    forward, backward = getattr(fc, op), getattr(fc, f"{op}_backward")
+    x = np.random.default_rng(36).standard_normal((2, 5, 9, 8))
+    y = forward(x, **opts, method="naive")
+    yn = to_host(forward(nhwc(x), **opts, layout="NHWC", method=method))
+    np.testing.assert_allclose(yn.transpose(X_OUT), y, rtol=1e-12, atol=1e-12)
+    g = np.random.default_rng(37).standard_normal(y.shape)
+    dx = backward(g, x.shape, **opts, method="naive")
+    dxn = to_host(backward(nhwc(g), nhwc(x).shape, **opts, layout="NHWC", method=method))
+    np.testing.assert_allclose(dxn.transpose(X_OUT), dx, rtol=1e-12, atol=1e-12)
+
+
+def test_views_are_accepted_and_never_modified():
+    """A channels-last view of an NCHW array (what x.transpose gives) is a valid NHWC input."""
+    rng = np.random.default_rng(38)
+    x, w = rng.standard_normal((2, 3, 8, 8)), rng.standard_normal((4, 3, 3, 3))
+    for method in ("naive", "im2col", "direct"):
+        y = checked(fc.conv2d, x.transpose(X_IN), w.transpose(W_IN), layout="nhwc",
+                    method=method)
+        np.testing.assert_allclose(y.transpose(X_OUT), fc.conv2d(x, w), rtol=1e-12)
+
+
+def test_errors_show_the_shapes_as_given():
+    x, w = np.ones((2, 8, 8, 3)), np.ones((3, 3, 4, 5))
+    with pytest.raises(ValueError, match=r"weight of shape \(3, 3, 4, 5\) expect x with 4 "
+                                         r"channels, got x of shape \(2, 8, 8, 3\)"):
+        fc.conv2d(x, w, layout="NHWC")
+    with pytest.raises(ValueError, match=r"grad_output must have the forward output's shape "
+                                         r"\(2, 6, 6, 5\)"):
+        fc.conv2d_backward(np.ones((2, 5, 6, 6)), np.ones((2, 8, 8, 4)), w, layout="NHWC")
+    with pytest.raises(ValueError, match=r"x of shape \(2, 2, 2, 3\).*empty"):
+        fc.max_pool2d(np.ones((2, 2, 2, 3)), 3, layout="NHWC")
+    with pytest.raises(ValueError, match="layout='CHWN' is not one of"):
+        fc.conv2d(x, w, layout="CHWN")
+    with pytest.raises(ValueError, match="layout"):
+        fc.Conv2D(w, None, layout="NCWH")
+
+
+def test_layers_take_a_layout():
+    rng = np.random.default_rng(39)
+    x, w, b = rng.standard_normal((2, 3, 8, 8)), rng.standard_normal((4, 3, 3, 3)), np.ones(4)
+    for make, args in ((fc.Conv2D, (w, b)), (fc.MaxPool2D, (2,)), (fc.AvgPool2D, (2,)),
+                       (fc.AdaptiveAvgPool2D, (3,)),
+                       (fc.ConvTranspose2D, (rng.standard_normal((3, 2, 2, 2)), None))):
+        first, last = make(*args), make(*(hwio(a) if getattr(a, "ndim", 0) == 4 else a
+                                          for a in args), layout="NHWC")
+        y = first.forward(x)
+        np.testing.assert_allclose(last.forward(nhwc(x)).transpose(X_OUT), y, rtol=1e-12)
+        g = rng.standard_normal(y.shape)
+        np.testing.assert_allclose(last.backward(nhwc(g)).transpose(X_OUT), first.backward(g),
+                                   rtol=1e-12, atol=1e-12)
+        if hasattr(first, "dW"):
+            np.testing.assert_allclose(last.dW.transpose(W_OUT), first.dW, rtol=1e-12)
