@@ -319,7 +319,7 @@ _POOL = "fastconv.kernels.pool"
 _CUDA = "fastconv.kernels.cuda"
 _GEMM = dict(unavailable=_blas_missing, unsupported=f"{_IM2COL}:unsupported", priority=5)
 _CY = dict(unavailable=_cython_missing, priority=5)
-_LOOPS = dict(unsupported=f"{_DIRECT}:unsupported", priority=10)
+_LOOPS = dict(unsupported=f"{_DIRECT}:unsupported", priority=10, layouts=("NCHW", "NHWC"))
 _GPU = dict(device="cuda", unavailable=cuda_missing)
 _AVG = ("avg_pool2d", "adaptive_avg_pool2d")  # one kernel pair: the spec holds the windows
 
@@ -367,7 +367,8 @@ for _op in _AVG:
 _TRANSPOSE = "fastconv.kernels.transpose"
 for _impl in implementations("conv2d_backward"):
     _m, _limits = _impl.method, dict(device=_impl.device, unavailable=_impl.unavailable,
-                                     unsupported=_impl.unsupported, priority=_impl.priority)
+                                     unsupported=_impl.unsupported, priority=_impl.priority,
+                                     layouts=_impl.layouts)
     register("conv_transpose2d", _m, f"{_TRANSPOSE}:forward", over=(_impl.target,), **_limits)
     register("conv_transpose2d_backward", _m, f"{_TRANSPOSE}:backward",
              over=(_REGISTRY["conv2d", _m].target, _impl.target), **_limits)

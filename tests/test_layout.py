@@ -149,3 +149,25 @@ def test_layers_take_a_layout():
                                    rtol=1e-12, atol=1e-12)
         if hasattr(first, "dW"):
             np.testing.assert_allclose(last.dW.transpose(W_OUT), first.dW, rtol=1e-12)
+
+
+def test_direct_reads_channels_last_without_transposing(monkeypatch):
+    """direct's conv kernels (and its conv_transpose2d over them) take NHWC as it is; the
+    methods without a channels-last kernel go through the transposing adapter."""
+    from fastconv import _registry
+    from fastconv.kernels import layout
+
+    for op in ("conv2d", "conv2d_backward", "conv_transpose2d", "conv_transpose2d_backward"):
+        assert "NHWC" in _registry.implementation(op, "direct").layouts
+        assert "NHWC" not in _registry.implementation(op, "naive").layouts
+    _registry._adapted.cache_clear()
+    monkeypatch.setattr(layout, "adapt", lambda op, fn: pytest.fail(f"{op} was transposed"))
+    rng = np.random.default_rng(40)
+    x, w = rng.standard_normal((2, 7, 6, 5)), rng.standard_normal((3, 3, 5, 4))
+    y = fc.conv2d(x, w, padding=1, layout="NHWC", method="direct")
+    fc.conv2d_backward(y, x, w, padding=1, layout="NHWC", method="direct")
+    # Keras's Conv2DTranspose kernel (R, S, C_out, C_in) is the forward conv's filter as it is.
+    fc.conv_transpose2d(y, w, padding=1, layout="NHWC", method="direct")
+    with pytest.raises(pytest.fail.Exception, match="was transposed"):
+        fc.conv2d(x, w, padding=1, layout="NHWC", method="naive")
+    _registry._adapted.cache_clear()

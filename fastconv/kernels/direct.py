@@ -27,6 +27,9 @@ the same two grids (their widths are made equal) and reduces over ``t`` with 2 o
 x 9 taps of vector accumulators. Stride-1 depthwise backward has a fused kernel that pads one
 plane of the grad-output and of the input locally and computes all three gradients from them.
 
+Channels-last arrays (``spec.layout == "NHWC"``) run the kernels of direct_nhwc.py, which read
+them as they are.
+
 Every parallel loop writes disjoint outputs and sums in a fixed order, so results do not depend
 on the thread count and are bit-identical from run to run.
 """
@@ -39,7 +42,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, uint64
 
-from . import NUMBA_CACHE, _parallel
+from . import NUMBA_CACHE, _parallel, direct_nhwc
 from ._numba import cdiv, claim, wide
 
 __all__ = ["unsupported", "conv2d_forward", "conv2d_backward"]
@@ -758,6 +761,8 @@ def _packed(w, wbase, wdiv, cstride, blocks):
 
 
 def conv2d_forward(x, w, b, spec):
+    if spec.layout == "NHWC":
+        return direct_nhwc.conv2d_forward(x, w, b, spec)
     plan = _fwd_plan(spec)
     src = x.reshape(x.shape[0], -1)  # items pad their own tiles
     cgrs = int(np.prod(spec.w_shape[1:]))
@@ -795,6 +800,8 @@ def _depthwise_backward(g, x, w, spec, need_input, need_weight, need_bias):
 
 
 def conv2d_backward(g, x, w, spec, need_input, need_weight, need_bias):
+    if spec.layout == "NHWC":
+        return direct_nhwc.conv2d_backward(g, x, w, spec, need_input, need_weight, need_bias)
     n, c = spec.x_shape[:2]
     if (spec.groups == c == spec.w_shape[0] and spec.stride == (1, 1)
             and (need_input or need_weight)):

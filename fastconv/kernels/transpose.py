@@ -1,6 +1,8 @@
 """conv_transpose2d on any method: it is the grad-input of a conv2d (the spec describes that
 conv, see fastconv._validate), and its backward is that conv's forward and grad-weight. Each
-method's own conv2d kernels do the work; nothing here is a kernel of its own."""
+method's own conv2d kernels do the work, in the layouts they read; nothing here is a kernel of
+its own. On the GPU (device arrays) only NCHW comes here: cuda.arrays adds the bias along
+axis 1."""
 
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ def _add_bias(out, b, spec):
         from .cuda import arrays
 
         return arrays.add_bias(out, b)
-    out += b.reshape(-1, 1, 1)
+    out += b if spec.layout == "NHWC" else b.reshape(-1, 1, 1)
     return out
 
 
@@ -48,4 +50,4 @@ def _channel_sums(g, spec):
         from .cuda import arrays
 
         return arrays.channel_sums(g)
-    return g.sum(axis=(0, 2, 3))  # as the conv kernels' bias gradients
+    return g.sum(axis=(0, 1, 2) if spec.layout == "NHWC" else (0, 2, 3))  # as the conv kernels

@@ -1,0 +1,477 @@
+"""Direct-loop conv2d on channels-last arrays (NHWC input, HWIO filters), for the direct method.
+
+Inputs are validated and C-contiguous in ``spec.dtype`` (see fastconv._validate); the spec's
+shapes are NCHW / OIHW whatever the layout, the arrays are NHWC / HWIO.
+
+How it runs
+-----------
+In NHWC a pixel's channels are contiguous, and so are an HWIO filter's output channels: the
+vector loops run over channels, the images' layout itself, with no transposes. Every pass is
+one *pixel-row correlation*: ``out[pixel, k] += sum_r src[base(pixel) + off[r]] * w[r, k]``
+over a flat reduction list ``r = (tap, input channel)`` whose source offsets ``off`` are
+precomputed. The micro-kernel takes 4 pixels and 4 reduction entries at a time: 16 source
+values held as scalars, so each loaded weight vector feeds 4 FMAs and each output vector's
+load and store 4 of them. Chunks of the reduction cross tap boundaries, so a 3-channel first
+layer loses nothing to remainders.
+
+- Forward: the source is the input, zero-padded once (a copy only when there is padding).
+- Grad-input: the same correlation on the zero-padded grad-output with flipped, transposed
+  filters, once per stride phase ``(h % sh, w % sw)``: each phase reads only the taps that land
+  on it, so a stride-2 layer does no multiply by an inserted zero.
+- Grad-weight: ``dw[r, k] = sum over pixels of x[base(pixel) + off[r]] * g[pixel, k]``, 4 pixels
+  x 4 reduction entries at a time; each work item owns a block of ``dw`` and walks the pixels in
+  blocks that stay in cache while all its reduction entries use them.
+- Depthwise layers (one input channel per group, one output channel each): a vector loop over
+  the channels of a pixel for each tap.
+
+Work items are rows (forward, grad-input) or blocks of ``dw`` (grad-weight); every item writes
+its own outputs and sums in a fixed order, so results are deterministic and do not depend on
+the thread count.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit, uint64
+
+from . import NUMBA_CACHE, _parallel
+from ._numba import cdiv, claim, wide
+
+__all__ = ["conv2d_forward", "conv2d_backward"]
+
+KC = 64  # output channels per work item (a row of them is 4 zmm registers of float32)
+PIXEL_BLOCK = 256  # grad-weight: pixels of grad-output walked while they stay in cache
+RED_BLOCK = 32  # grad-weight: reduction entries per work item
+
+_FM = {"contract"}  # FMA contraction only: NaN and inf propagate as in naive.py
+
+
+# ---------------------------------------------------------------------------------------------
+# micro-kernels: out vectors over kc channels, sources as scalars. Vector-loop indices are
+# unsigned (a base plus kk), so Numba emits no wraparound check and the kk loops vectorize;
+# offset tables are uint64 for the same reason (uint64 + int64 would be a float in Numba).
+
+
+@njit(cache=NUMBA_CACHE, nogil=True, fastmath=_FM)
+def _row4(src, s0, sstep, off, r0, r1, w, w0, wstride, out, o0, ostep, kc):
+    """For pixels u = 0..3 and kk < kc: out[o0 + u*ostep + kk] += sum over r in [r0, r1) of
+    src[s0 + u*sstep + off[r]] * w[w0 + r*wstride + kk]."""
+    wide()
+    t0, t1 = uint64(s0), uint64(s0 + sstep)
+    t2, t3 = uint64(s0 + 2 * sstep), uint64(s0 + 3 * sstep)
+    q0, q1 = uint64(o0), uint64(o0 + ostep)
+    q2, q3 = uint64(o0 + 2 * ostep), uint64(o0 + 3 * ostep)
+    n = uint64(kc)
+    r = r0
+    while r + 4 <= r1:
+        f0, f1, f2, f3 = off[r], off[r + 1], off[r + 2], off[r + 3]
+        a00, a01, a02, a03 = src[t0 + f0], src[t0 + f1], src[t0 + f2], src[t0 + f3]
+        a10, a11, a12, a13 = src[t1 + f0], src[t1 + f1], src[t1 + f2], src[t1 + f3]
+        a20, a21, a22, a23 = src[t2 + f0], src[t2 + f1], src[t2 + f2], src[t2 + f3]
+        a30, a31, a32, a33 = src[t3 + f0], src[t3 + f1], src[t3 + f2], src[t3 + f3]
+        b0 = uint64(w0 + r * wstride)
+        b1 = uint64(w0 + (r + 1) * wstride)
+        b2 = uint64(w0 + (r + 2) * wstride)
+        b3 = uint64(w0 + (r + 3) * wstride)
+        for kk in range(n):
+            v0, v1, v2, v3 = w[b0 + kk], w[b1 + kk], w[b2 + kk], w[b3 + kk]
+            out[q0 + kk] += a00 * v0 + a01 * v1 + a02 * v2 + a03 * v3
+            out[q1 + kk] += a10 * v0 + a11 * v1 + a12 * v2 + a13 * v3
+            out[q2 + kk] += a20 * v0 + a21 * v1 + a22 * v2 + a23 * v3
+            out[q3 + kk] += a30 * v0 + a31 * v1 + a32 * v2 + a33 * v3
+        r += 4
+    while r < r1:
+        f0 = off[r]
+        a0, a1, a2, a3 = src[t0 + f0], src[t1 + f0], src[t2 + f0], src[t3 + f0]
+        b0 = uint64(w0 + r * wstride)
+        for kk in range(n):
+            v0 = w[b0 + kk]
+            out[q0 + kk] += a0 * v0
+            out[q1 + kk] += a1 * v0
+            out[q2 + kk] += a2 * v0
+            out[q3 + kk] += a3 * v0
+        r += 1
+
+
+@njit(cache=NUMBA_CACHE, nogil=True, fastmath=_FM)
+def _row1(src, s0, off, r0, r1, w, w0, wstride, out, o0, kc):
+    """`_row4` for one pixel."""
+    wide()
+    t0, q0, n = uint64(s0), uint64(o0), uint64(kc)
+    r = r0
+    while r + 4 <= r1:
+        a0, a1 = src[t0 + off[r]], src[t0 + off[r + 1]]
+        a2, a3 = src[t0 + off[r + 2]], src[t0 + off[r + 3]]
+        b0 = uint64(w0 + r * wstride)
+        b1 = uint64(w0 + (r + 1) * wstride)
+        b2 = uint64(w0 + (r + 2) * wstride)
+        b3 = uint64(w0 + (r + 3) * wstride)
+        for kk in range(n):
+            out[q0 + kk] += a0 * w[b0 + kk] + a1 * w[b1 + kk] + a2 * w[b2 + kk] + a3 * w[b3 + kk]
+        r += 4
+    while r < r1:
+        a0 = src[t0 + off[r]]
+        b0 = uint64(w0 + r * wstride)
+        for kk in range(n):
+            out[q0 + kk] += a0 * w[b0 + kk]
+        r += 1
+
+
+@njit(cache=NUMBA_CACHE, nogil=True, fastmath=_FM)
+def _gw4(x, xb0, xb1, xb2, xb3, off, r0, r1, g, g0, g1, g2, g3, dw, d0, dstride, kc):
+    """For r in [r0, r1) and kk < kc: dw[d0 + r*dstride + kk] += sum over the 4 pixels u of
+    x[xb_u + off[r]] * g[g_u + kk]."""
+    wide()
+    t0, t1, t2, t3 = uint64(xb0), uint64(xb1), uint64(xb2), uint64(xb3)
+    h0, h1, h2, h3 = uint64(g0), uint64(g1), uint64(g2), uint64(g3)
+    n = uint64(kc)
+    r = r0
+    while r + 4 <= r1:
+        f0, f1, f2, f3 = off[r], off[r + 1], off[r + 2], off[r + 3]
+        a00, a01, a02, a03 = x[t0 + f0], x[t0 + f1], x[t0 + f2], x[t0 + f3]
+        a10, a11, a12, a13 = x[t1 + f0], x[t1 + f1], x[t1 + f2], x[t1 + f3]
+        a20, a21, a22, a23 = x[t2 + f0], x[t2 + f1], x[t2 + f2], x[t2 + f3]
+        a30, a31, a32, a33 = x[t3 + f0], x[t3 + f1], x[t3 + f2], x[t3 + f3]
+        e0 = uint64(d0 + r * dstride)
+        e1 = uint64(d0 + (r + 1) * dstride)
+        e2 = uint64(d0 + (r + 2) * dstride)
+        e3 = uint64(d0 + (r + 3) * dstride)
+        for kk in range(n):
+            v0, v1, v2, v3 = g[h0 + kk], g[h1 + kk], g[h2 + kk], g[h3 + kk]
+            dw[e0 + kk] += a00 * v0 + a10 * v1 + a20 * v2 + a30 * v3
+            dw[e1 + kk] += a01 * v0 + a11 * v1 + a21 * v2 + a31 * v3
+            dw[e2 + kk] += a02 * v0 + a12 * v1 + a22 * v2 + a32 * v3
+            dw[e3 + kk] += a03 * v0 + a13 * v1 + a23 * v2 + a33 * v3
+        r += 4
+    while r < r1:
+        f0 = off[r]
+        a0, a1, a2, a3 = x[t0 + f0], x[t1 + f0], x[t2 + f0], x[t3 + f0]
+        e0 = uint64(d0 + r * dstride)
+        for kk in range(n):
+            dw[e0 + kk] += a0 * g[h0 + kk] + a1 * g[h1 + kk] + a2 * g[h2 + kk] + a3 * g[h3 + kk]
+        r += 1
+
+
+@njit(cache=NUMBA_CACHE, nogil=True, fastmath=_FM)
+def _gw1(x, xb0, off, r0, r1, g, g0, dw, d0, dstride, kc):
+    """`_gw4` for one pixel."""
+    wide()
+    t0, h0, n = uint64(xb0), uint64(g0), uint64(kc)
+    for r in range(r0, r1):
+        a0 = x[t0 + off[r]]
+        e0 = uint64(d0 + r * dstride)
+        for kk in range(n):
+            dw[e0 + kk] += a0 * g[h0 + kk]
+
+
+# ---------------------------------------------------------------------------------------------
+# parallel parts
+
+
+@njit(cache=NUMBA_CACHE, nogil=True)
+def _correlate_part(src, off, w, bias, out, geom, counter):
+    """Rows of out: out[n, orow(u), ocol(v), koff + kk] = bias + sum_r src[...] * w[r, ...].
+
+    geom: images, source (rows, cols, channels, row step, col step, channels per group), output
+    (rows, cols, channels, row step, first row, col step, first col), rows and cols computed,
+    groups, output channels per group, reduction length, whether to add the bias. Items are
+    (image, row, group, block of KC output channels).
+    """
+    (n_img, hs, ws, cs, srs, scs, cgs, ho, wo, ko, ors, or0, ocs, oc0, nu, nv, groups, kg, red,
+     has_bias) = geom
+    n_kb = cdiv(kg, KC)
+    n_items = n_img * nu * groups * n_kb
+    sstep, ostep = scs * cs, ocs * ko
+    item = claim(counter)
+    while item < n_items:
+        kb = item % n_kb
+        rest = item // n_kb
+        grp = rest % groups
+        rest //= groups
+        u = rest % nu
+        n = rest // nu
+        koff = grp * kg + kb * KC
+        kc = min(KC, kg - kb * KC)
+        o = ((n * ho + or0 + u * ors) * wo + oc0) * ko + koff
+        for v in range(nv):
+            for kk in range(kc):
+                out[o + v * ostep + kk] = bias[koff + kk] if has_bias else 0.0
+        s = ((n * hs + u * srs) * ws) * cs + grp * cgs
+        v = 0
+        while v + 4 <= nv:
+            _row4(src, s + v * sstep, sstep, off, 0, red, w, koff, ko, out, o + v * ostep, ostep,
+                  kc)
+            v += 4
+        while v < nv:
+            _row1(src, s + v * sstep, off, 0, red, w, koff, ko, out, o + v * ostep, kc)
+            v += 1
+        item = claim(counter)
+
+
+@njit(cache=NUMBA_CACHE, nogil=True, fastmath=_FM)
+def _dw_pixel(src, sv, off, red, w, out, ov, nk, bias, has_bias):
+    """One output pixel of a depthwise layer: out[ov + k] = bias[k] + sum over taps r of
+    src[sv + off[r] + k] * w[r*nk + k]."""
+    wide()
+    ov, sv, n = uint64(ov), uint64(sv), uint64(nk)
+    for k in range(n):
+        out[ov + k] = bias[k] if has_bias else 0.0
+    for r in range(red):
+        sr, wr = sv + off[r], uint64(r * nk)
+        for k in range(n):
+            out[ov + k] += src[sr + k] * w[wr + k]
+
+
+@njit(cache=NUMBA_CACHE, nogil=True)
+def _depthwise_part(src, off, w, bias, out, geom, counter):
+    """`_correlate_part` for depthwise layers (one channel in and out per group): each tap is
+    one vector multiply-add over a pixel's channels. Items are (image, row)."""
+    (n_img, hs, ws, cs, srs, scs, cgs, ho, wo, ko, ors, or0, ocs, oc0, nu, nv, groups, kg, red,
+     has_bias) = geom
+    n_items = n_img * nu
+    sstep, ostep = scs * cs, ocs * ko
+    item = claim(counter)
+    while item < n_items:
+        u = item % nu
+        n = item // nu
+        o = ((n * ho + or0 + u * ors) * wo + oc0) * ko
+        s = ((n * hs + u * srs) * ws) * cs
+        for v in range(nv):
+            _dw_pixel(src, s + v * sstep, off, red, w, out, o + v * ostep, ko, bias, has_bias)
+        item = claim(counter)
+
+
+@njit(cache=NUMBA_CACHE, nogil=True, fastmath=_FM)
+def _dw_grad_row(x, xs, xstep, off, red, g, gs, nv, part, p0, nk):
+    """part[p0 + r*nk + k] = sum over the nv pixels v of a row of x[xs + v*xstep + off[r] + k]
+    * g[gs + v*nk + k]."""
+    wide()
+    n = uint64(nk)
+    for r in range(red):
+        pr = uint64(p0 + r * nk)
+        for k in range(n):
+            part[pr + k] = 0.0
+    for v in range(nv):
+        xv, gv = uint64(xs + v * xstep), uint64(gs + v * nk)
+        for r in range(red):
+            xr, pr = xv + off[r], uint64(p0 + r * nk)
+            for k in range(n):
+                part[pr + k] += x[xr + k] * g[gv + k]
+
+
+@njit(cache=NUMBA_CACHE, nogil=True)
+def _depthwise_grad_weight_part(x, off, g, part, geom, counter):
+    """Per output row (image, row): its share of dw, part[item, r, k]; summed by the caller
+    in a fixed order."""
+    n_img, hp, wp, c, sh, sw, oh, ow, red = geom
+    n_items = n_img * oh
+    item = claim(counter)
+    while item < n_items:
+        i = item % oh
+        n = item // oh
+        _dw_grad_row(x, ((n * hp + i * sh) * wp) * c, sw * c, off, red, g, (n * oh + i) * ow * c,
+                     ow, part, item * red * c, c)
+        item = claim(counter)
+
+
+@njit(cache=NUMBA_CACHE, nogil=True)
+def _grad_weight_part(x, off, g, dw, geom, counter):
+    """Blocks of dw (red, K): dw[r, koff + kk] = sum over pixels of x[base + off[r]] * g[pixel,
+    koff + kk]. geom: images, input (rows, cols, channels), stride, output rows and cols,
+    groups, channels per group in and out, reduction length. Items are (group, block of
+    RED_BLOCK reduction entries, block of KC output channels)."""
+    n_img, hp, wp, c, sh, sw, oh, ow, groups, cg, kg, red = geom
+    k = groups * kg
+    n_kb, n_rb = cdiv(kg, KC), cdiv(red, RED_BLOCK)
+    n_items = groups * n_rb * n_kb
+    n_pix = n_img * oh * ow
+    xb = np.empty(4, np.int64)
+    gb = np.empty(4, np.int64)
+    item = claim(counter)
+    while item < n_items:
+        kb = item % n_kb
+        rest = item // n_kb
+        rb = rest % n_rb
+        grp = rest // n_rb
+        koff = grp * kg + kb * KC
+        kc = min(KC, kg - kb * KC)
+        r0, r1 = rb * RED_BLOCK, min(red, (rb + 1) * RED_BLOCK)
+        for r in range(r0, r1):
+            for kk in range(kc):
+                dw[r * k + koff + kk] = 0.0
+        for p0 in range(0, n_pix, PIXEL_BLOCK):
+            p1 = min(n_pix, p0 + PIXEL_BLOCK)
+            p = p0
+            while p < p1:
+                m = min(4, p1 - p)
+                for u in range(m):
+                    j = (p + u) % ow
+                    rest = (p + u) // ow
+                    i = rest % oh
+                    n = rest // oh
+                    xb[u] = ((n * hp + i * sh) * wp + j * sw) * c + grp * cg
+                    gb[u] = (p + u) * k + koff
+                if m == 4:
+                    _gw4(x, xb[0], xb[1], xb[2], xb[3], off, r0, r1, g, gb[0], gb[1], gb[2],
+                         gb[3], dw, koff, k, kc)
+                else:
+                    for u in range(m):
+                        _gw1(x, xb[u], off, r0, r1, g, gb[u], dw, koff, k, kc)
+                p += m
+        item = claim(counter)
+
+
+# ---------------------------------------------------------------------------------------------
+# plans (cached per spec) and entry points
+
+
+def _pad(a, top, bottom, left, right):
+    """``a`` (N, H, W, C) zero-padded (negative amounts crop); ``a`` itself when none."""
+    if top == bottom == left == right == 0:
+        return a
+    n, h, w, c = a.shape
+    out = np.zeros((n, h + top + bottom, w + left + right, c), dtype=a.dtype)
+    y0, y1 = max(0, -top), min(h, h + bottom)
+    x0, x1 = max(0, -left), min(w, w + right)
+    if y1 > y0 and x1 > x0:
+        out[:, y0 + top:y1 + top, x0 + left:x1 + left] = a[:, y0:y1, x0:x1]
+    return out
+
+
+def _depthwise(spec):
+    return spec.w_shape[1] == 1 and spec.groups == spec.x_shape[1] == spec.w_shape[0]
+
+
+def _offsets(taps, chans, ws, cs):
+    """Source offsets of the reduction list (tap, channel) -> (dy * ws + dx) * cs + channel."""
+    return np.array([(dy * ws + dx) * cs + ch for dy, dx in taps for ch in range(chans)],
+                    dtype=np.uint64)
+
+
+def _run_correlation(src, off, w, bias, out, geom, work_ns, depthwise):
+    if bias is None:
+        bias = np.zeros(1, dtype=out.dtype)
+    n_img, nu, groups, kg = geom[0], geom[14], geom[16], geom[17]
+    if depthwise:
+        _parallel.run(_depthwise_part, (src, off, w, bias, out, geom), n_img * nu, work_ns)
+    else:
+        _parallel.run(_correlate_part, (src, off, w, bias, out, geom),
+                      n_img * nu * groups * cdiv(kg, KC), work_ns)
+
+
+def conv2d_forward(x, w, b, spec):
+    n, c, h, wd = spec.x_shape
+    k, cg, r, s = spec.w_shape
+    (pt, pb), (pl, pr) = spec.padding
+    (sh, sw), (dh, dw) = spec.stride, spec.dilation
+    oh, ow = spec.out_hw
+    src = _pad(x, pt, pb, pl, pr)
+    hp, wp = src.shape[1:3]
+    dwise = _depthwise(spec)
+    taps = [(p * dh, q * dw) for p in range(r) for q in range(s)]
+    off = _offsets(taps, 1 if dwise else cg, wp, c)
+    out = np.empty((n, oh, ow, k), dtype=spec.dtype)
+    geom = (n, hp, wp, c, sh, sw, cg, oh, ow, k, 1, 0, 1, 0, oh, ow, spec.groups,
+            k // spec.groups, len(off), b is not None)
+    _run_correlation(src.reshape(-1), off, w.reshape(-1), b, out.reshape(-1), geom,
+                     _parallel.conv_work_ns(spec), dwise)
+    return out
+
+
+class _Phase(NamedTuple):
+    a: int  # first dx row of the phase
+    b: int  # first dx column
+    rows: int
+    cols: int
+    taps: tuple  # ((p, q, dy, dx), ...): filter tap and its shift in the padded grad-output
+
+
+@functools.lru_cache(maxsize=256)
+def _grad_input_plan(spec):
+    """(phases, padding of the grad-output (top, bottom, left, right))."""
+    h, wd = spec.x_shape[2:]
+    r, s = spec.w_shape[2:]
+    (pt, _), (pl, _) = spec.padding
+    (sh, sw), (dh, dw) = spec.stride, spec.dilation
+    oh, ow = spec.out_hw
+    phases, es, fs = [], [0], [0]
+    for a in range(min(sh, h)):
+        rows = cdiv(h - a, sh)
+        for b in range(min(sw, wd)):
+            cols = cdiv(wd - b, sw)
+            taps = []
+            for p in range(r):
+                if (a + pt - p * dh) % sh:
+                    continue
+                e = (a + pt - p * dh) // sh  # dx row a + sh*u reads grad-output row u + e
+                for q in range(s):
+                    if (b + pl - q * dw) % sw:
+                        continue
+                    f = (b + pl - q * dw) // sw
+                    taps.append((p, q, e, f))
+                    es += [e, rows - 1 + e]
+                    fs += [f, cols - 1 + f]
+            phases.append(_Phase(a, b, rows, cols, tuple(taps)))
+    top, left = max(0, -min(es)), max(0, -min(fs))
+    bottom, right = max(0, max(es) - (oh - 1)), max(0, max(fs) - (ow - 1))
+    return tuple(phases), (top, bottom, left, right)
+
+
+def _grad_input(g, w, spec):
+    n, c, h, wd = spec.x_shape
+    k, cg, r, s = spec.w_shape
+    groups = spec.groups
+    kg = k // groups
+    phases, (top, bottom, left, right) = _grad_input_plan(spec)
+    src = _pad(g, top, bottom, left, right)
+    hs, ws = src.shape[1:3]
+    dwise = _depthwise(spec)
+    # w (R, S, Cg, K) as rows (R, S, Kg) x columns (groups, Cg): dx's filters for each group
+    wt = w.reshape(r, s, cg, groups, kg).transpose(0, 1, 4, 3, 2).reshape(r, s, kg, c)
+    dx = np.empty((n, h, wd, c), dtype=spec.dtype)
+    sh, sw = spec.stride
+    for ph in phases:
+        taps = [(e + top, f + left) for _, _, e, f in ph.taps]
+        off = _offsets(taps, 1 if dwise else kg, ws, k)
+        rows = np.ascontiguousarray(wt[[t[0] for t in ph.taps], [t[1] for t in ph.taps]])
+        geom = (n, hs, ws, k, 1, 1, kg, h, wd, c, sh, ph.a, sw, ph.b, ph.rows, ph.cols, groups,
+                cg, len(off), False)
+        _run_correlation(src.reshape(-1), off, rows.reshape(-1), None, dx.reshape(-1), geom,
+                         _parallel.conv_work_ns(spec, 1 / len(phases)), dwise)
+    return dx
+
+
+def _grad_weight(g, x, spec):
+    n, c, h, wd = spec.x_shape
+    k, cg, r, s = spec.w_shape
+    (pt, pb), (pl, pr) = spec.padding
+    (sh, sw), (dh, dw) = spec.stride, spec.dilation
+    oh, ow = spec.out_hw
+    src = _pad(x, pt, pb, pl, pr)
+    hp, wp = src.shape[1:3]
+    taps = [(p * dh, q * dw) for p in range(r) for q in range(s)]
+    if _depthwise(spec):
+        off = _offsets(taps, 1, wp, c)
+        part = np.empty((n * oh, r * s, c), dtype=spec.dtype)
+        _parallel.run(_depthwise_grad_weight_part,
+                      (src.reshape(-1), off, g.reshape(-1), part.reshape(-1),
+                       (n, hp, wp, c, sh, sw, oh, ow, r * s)), n * oh,
+                      _parallel.conv_work_ns(spec))
+        return part.sum(axis=0).reshape(r, s, 1, c)
+    off = _offsets(taps, cg, wp, c)
+    dwt = np.empty((r * s * cg, k), dtype=spec.dtype)
+    geom = (n, hp, wp, c, sh, sw, oh, ow, spec.groups, cg, k // spec.groups, len(off))
+    n_items = spec.groups * cdiv(len(off), RED_BLOCK) * cdiv(k // spec.groups, KC)
+    _parallel.run(_grad_weight_part, (src.reshape(-1), off, g.reshape(-1), dwt.reshape(-1),
+                                      geom), n_items, _parallel.conv_work_ns(spec))
+    return dwt.reshape(r, s, cg, k)
+
+
+def conv2d_backward(g, x, w, spec, need_input, need_weight, need_bias):
+    dx = _grad_input(g, w, spec) if need_input else None
+    dw = _grad_weight(g, x, spec) if need_weight else None
+    db = g.sum(axis=(0, 1, 2)) if need_bias else None
+    return dx, dw, db
