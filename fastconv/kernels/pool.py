@@ -255,72 +255,269 @@ def max_pool2d_backward(g, idx, spec):
 # spreads each window row's gradients over a column row, then adds it to the window's rows.
 
 
+# Sums reassociate so that they vectorize (the order is still fixed by the compiled code, so
+# results stay deterministic); indices are unsigned so that Numba emits no wraparound checks.
+_SUMS = {"reassoc", "contract"}
+
+
+@njit(cache=NUMBA_CACHE, nogil=True, fastmath=_SUMS)
+def _add_row(acc, src, base, n):
+    """acc[:n] += src[base:base + n] (in float64)."""
+    wide()
+    b = uint64(base)
+    for q in range(uint64(n)):
+        acc[q] += src[b + q]
+
+
+@njit(cache=NUMBA_CACHE, nogil=True, fastmath=_SUMS)
+def _sum_range(a, lo, hi):
+    total = 0.0
+    for q in range(uint64(lo), uint64(hi)):
+        total += a[q]
+    return total
+
+
 @njit(cache=NUMBA_CACHE, nogil=True)
-def _box_forward_nchw(x, out, rows, cols, counter):
-    """(n, c) planes claimed from counter."""
+def _box_row(xf, pb, of, rb, n, rstep, o0, size, step, div):
+    """n size x size windows lying fully inside, stride step along the row, each sum divided
+    by div: tap (p, q) of window j is at plane offset rb + j*step + p*rstep + q. size and step
+    are compiled in (`literally`), so the taps unroll and the j loop vectorizes with
+    interleaved loads (as `_pool_row`)."""
+    literally(size)
+    literally(step)
+    wide()
+    for j in range(n):
+        k0 = pb + rb + j * uint64(step)
+        total = 0.0
+        for p in range(size):
+            for q in range(size):
+                total += xf[k0 + uint64(p) * rstep + uint64(q)]
+        of[o0 + j] = total / div
+
+
+@njit(cache=NUMBA_CACHE, nogil=True, fastmath=_SUMS)
+def _box_taps(xf, pb, tot, rb, n, rstep, step, kh, kw):
+    """tot[:n] = sums of n kh x kw windows lying fully inside, one strided pass per tap."""
+    wide()
+    for j in range(n):
+        tot[j] = 0.0
+    for p in range(kh):
+        for q in range(kw):
+            k0 = pb + rb + uint64(p) * rstep + uint64(q)
+            for j in range(n):
+                tot[j] += xf[k0 + j * step]
+
+
+@njit(cache=NUMBA_CACHE, nogil=True, fastmath=_SUMS)
+def _box_window(xf, base, w, rows, cols, i, j):
+    """The sum of window (i, j) from the tables (windows at the edges, adaptive pools)."""
+    total = 0.0
+    for r in range(rows[i, 0], rows[i, 1]):
+        for q in range(uint64(base + r * w + cols[j, 0]), uint64(base + r * w + cols[j, 1])):
+            total += xf[q]
+    return total
+
+
+@njit(cache=NUMBA_CACHE, nogil=True, fastmath=_SUMS)
+def _sum_flat(src, base, n):
+    """sum(src[base:base + n]) in float64."""
+    wide()
+    b = uint64(base)
+    total = 0.0
+    for t in range(uint64(n)):
+        total += src[b + t]
+    return total
+
+
+@njit(cache=NUMBA_CACHE, nogil=True, fastmath=_SUMS)
+def _fill_flat(dst, base, n, v):
+    wide()
+    b = uint64(base)
+    for t in range(uint64(n)):
+        dst[b + t] = v
+
+
+@njit(cache=NUMBA_CACHE, nogil=True)
+def _divide_row(dst, base, tot, row_div, col_div, n):
+    """dst[base + j] = tot[j] / (row_div * col_div[j]): one division by the window's size (an
+    exact product), as PyTorch."""
+    wide()
+    b = uint64(base)
+    for j in range(uint64(n)):
+        dst[b + j] = tot[j] / (row_div * col_div[j])
+
+
+@njit(cache=NUMBA_CACHE, nogil=True)
+def _box_forward_nchw(x, out, rows, cols, inner, div, counter):
+    """(n, c) planes claimed from counter. inner = (kh, kw, sh, sw, ph, pw, i0, i1, j0, j1):
+    the windows (i, j) with i0 <= i < i1 and j0 <= j < j1 lie wholly inside the plane and
+    divide by div (none for adaptive pools); the others go by the tables, a row at a time
+    when they are wide."""
     n_planes = x.shape[0] * x.shape[1]
     h, w = x.shape[2], x.shape[3]
     oh, ow = out.shape[2], out.shape[3]
+    kh, kw, sh, sw, ph, pw, i0, i1, j0, j1 = inner
+    fused = kh == kw and (kh == 2 or kh == 3) and (sw == 1 or sw == 2)
+    n_in, rstep, usw = uint64(j1 - j0), uint64(w), uint64(sw)
     xf, of = x.reshape(-1), out.reshape(-1)
     acc = np.empty(w, dtype=np.float64)
+    tot = np.empty(ow, dtype=np.float64)
+    col_div = cols[:, 2].astype(np.float64)
+    full_rows = ow == 1 and cols[0, 0] == 0 and cols[0, 1] == w  # global pooling along W
     nc = claim(counter)
     while nc < n_planes:
         base = nc * h * w
         for i in range(oh):
-            for q in range(w):
-                acc[q] = 0.0
+            o = (nc * oh + i) * ow
+            if full_rows:  # the window's rows lie one after the other: one flat sum
+                r0, r1 = rows[i, 0], rows[i, 1]
+                of[o] = _sum_flat(xf, base + r0 * w, (r1 - r0) * w) / (rows[i, 2] * col_div[0])
+                continue
+            if i0 <= i < i1 and n_in > 0:
+                for j in range(j0):
+                    of[o + j] = _box_window(xf, base, w, rows, cols, i, j) / (
+                        rows[i, 2] * col_div[j])
+                for j in range(j1, ow):
+                    of[o + j] = _box_window(xf, base, w, rows, cols, i, j) / (
+                        rows[i, 2] * col_div[j])
+                rb = uint64((i * sh - ph) * w + j0 * sw - pw)
+                o0, pb = uint64(o + j0), uint64(base)
+                if fused and kh == 2 and sw == 1:  # sizes and strides as literals
+                    _box_row(xf, pb, of, rb, n_in, rstep, o0, 2, 1, div)
+                elif fused and kh == 2:
+                    _box_row(xf, pb, of, rb, n_in, rstep, o0, 2, 2, div)
+                elif fused and sw == 1:
+                    _box_row(xf, pb, of, rb, n_in, rstep, o0, 3, 1, div)
+                elif fused:
+                    _box_row(xf, pb, of, rb, n_in, rstep, o0, 3, 2, div)
+                else:
+                    _box_taps(xf, pb, tot, rb, n_in, rstep, usw, kh, kw)
+                    for j in range(j0, j1):
+                        of[o + j] = tot[j - j0] / div
+                continue
+            acc[:] = 0.0
             for r in range(rows[i, 0], rows[i, 1]):
-                row = base + r * w
-                for q in range(w):
-                    acc[q] += xf[row + q]
+                _add_row(acc, xf, base + r * w, w)
             for j in range(ow):
-                total = 0.0
-                for q in range(cols[j, 0], cols[j, 1]):
-                    total += acc[q]
-                of[(nc * oh + i) * ow + j] = total / (rows[i, 2] * cols[j, 2])
+                tot[j] = _sum_range(acc, cols[j, 0], cols[j, 1])
+            _divide_row(of, o, tot, float(rows[i, 2]), col_div, ow)
         nc = claim(counter)
 
 
+@njit(cache=NUMBA_CACHE, nogil=True, fastmath=_SUMS)
+def _spread_rows(plane, spread, r0, r1, w):
+    """plane[r, :] += spread for rows r0 <= r < r1."""
+    wide()
+    n = uint64(w)
+    for r in range(r0, r1):
+        b = uint64(r * w)
+        for q in range(n):
+            plane[b + q] += spread[q]
+
+
+@njit(cache=NUMBA_CACHE, nogil=True, fastmath=_SUMS)
+def _store_plane(dst, base, plane, n):
+    wide()
+    b = uint64(base)
+    for t in range(uint64(n)):
+        dst[b + t] = plane[t]
+
+
+@njit(cache=NUMBA_CACHE, nogil=True, fastmath=_SUMS)
+def _spread_row(spread, gf, g0, rows, cols, col_div, i, inner):
+    """spread[q] = the sum of the gradients, each divided by its window's size, of the windows
+    of output row i that contain input column q. The inner windows (see `_box_forward_nchw`)
+    go in one strided vector pass per kernel column."""
+    wide()
+    kh, kw, sh, sw, ph, pw, i0, i1, j0, j1 = inner
+    ow = cols.shape[0]
+    rdiv = float(rows[i, 2])
+    spread[:] = 0.0
+    for j in range(j0, j1):
+        v = gf[uint64(g0 + j)] / (rdiv * col_div[j])
+        for q in range(kw):
+            spread[uint64(j * sw - pw + q)] += v
+    for j in range(ow):
+        if j0 <= j < j1:
+            continue
+        v = gf[g0 + j] / (rdiv * col_div[j])
+        for q in range(cols[j, 0], cols[j, 1]):
+            spread[q] += v
+
+
 @njit(cache=NUMBA_CACHE, nogil=True)
-def _box_backward_nchw(g, dx, rows, cols, counter):
-    """(n, c) planes claimed from counter; each plane summed in a fixed order."""
+def _box_backward_nchw(g, dx, rows, cols, row_users, disjoint, inner, counter):
+    """(n, c) planes claimed from counter; each plane summed in a fixed order. ``disjoint``:
+    no input pixel lies in two windows (global pooling, 2x2 stride 2), so each row of dx is
+    written once, without a float64 plane to add into. ``inner`` as for the forward."""
     n_planes = dx.shape[0] * dx.shape[1]
     h, w = dx.shape[2], dx.shape[3]
     oh, ow = g.shape[2], g.shape[3]
     gf, df = g.reshape(-1), dx.reshape(-1)
     spread = np.empty(w, dtype=np.float64)
-    plane = np.empty(h * w, dtype=np.float64)
+    plane = np.empty(1 if disjoint else h * w, dtype=np.float64)
+    col_div = cols[:, 2].astype(np.float64)
+    full_rows = disjoint and ow == 1 and cols[0, 0] == 0 and cols[0, 1] == w
     nc = claim(counter)
     while nc < n_planes:
-        for t in range(h * w):
-            plane[t] = 0.0
-        for i in range(oh):
-            for q in range(w):
-                spread[q] = 0.0
-            for j in range(ow):
-                v = gf[(nc * oh + i) * ow + j] / (rows[i, 2] * cols[j, 2])
-                for q in range(cols[j, 0], cols[j, 1]):
-                    spread[q] += v
-            for r in range(rows[i, 0], rows[i, 1]):
-                for q in range(w):
-                    plane[r * w + q] += spread[q]
         base = nc * h * w
-        for t in range(h * w):
-            df[base + t] = plane[t]
+        if full_rows:  # each window is a run of whole rows: one fill each
+            for r in range(h):
+                if row_users[r, 1] == row_users[r, 0]:
+                    _fill_flat(df, base + r * w, w, 0.0)
+            for i in range(oh):
+                r0, r1 = rows[i, 0], rows[i, 1]
+                _fill_flat(df, base + r0 * w, (r1 - r0) * w,
+                           gf[nc * oh + i] / (rows[i, 2] * col_div[0]))
+            nc = claim(counter)
+            continue
+        if disjoint:  # rows in no window get zeros; the others are written once below
+            for r in range(h):
+                if row_users[r, 1] == row_users[r, 0]:
+                    df[base + r * w:base + (r + 1) * w] = 0.0
+        else:
+            plane[:] = 0.0
+        for i in range(oh):
+            _spread_row(spread, gf, (nc * oh + i) * ow, rows, cols, col_div, i, inner)
+            if disjoint:
+                for r in range(rows[i, 0], rows[i, 1]):
+                    _store_plane(df, base + r * w, spread, w)
+            else:
+                _spread_rows(plane, spread, rows[i, 0], rows[i, 1], w)
+        if not disjoint:
+            _store_plane(df, base, plane, h * w)
         nc = claim(counter)
 
 
 def avg_pool2d_forward(x, spec):
     t = box_windows(spec)
     out = np.empty(spec.out_shape, dtype=spec.dtype)
-    _parallel.run(_box_forward_nchw, (x, out, t.rows, t.cols),
+    inner, div = _inner_windows(spec)
+    _parallel.run(_box_forward_nchw, (x, out, t.rows, t.cols, inner, div),
                   spec.x_shape[0] * spec.x_shape[1], _parallel.box_work_ns(spec))
     return out
+
+
+def _inner_windows(spec):
+    """((kh, kw, sh, sw, ph, pw, i0, i1, j0, j1), divisor) for `_box_forward_nchw`: the
+    output rows and columns whose windows lie wholly inside the input."""
+    if spec.adaptive:
+        return (1, 1, 1, 1, 0, 0, 0, 0, 0, 0), 1.0
+    (kh, kw), (sh, sw), (ph, pw) = spec.kernel, spec.stride, spec.padding
+    (h, w), (oh, ow) = spec.x_shape[2:], spec.out_hw
+    i0, j0 = min(oh, cdiv(ph, sh)), min(ow, cdiv(pw, sw))
+    i1 = max(i0, min(oh, (h + ph - kh) // sh + 1))
+    j1 = max(j0, min(ow, (w + pw - kw) // sw + 1))
+    div = spec.divisor_override if spec.divisor_override is not None else kh * kw
+    return (kh, kw, sh, sw, ph, pw, i0, i1, j0, j1), float(div)
 
 
 def avg_pool2d_backward(g, spec):
     t = box_windows(spec)
     dx = np.empty(spec.x_shape, dtype=spec.dtype)
-    _parallel.run(_box_backward_nchw, (g, dx, t.rows, t.cols),
+    disjoint = bool((t.row_users[:, 1] - t.row_users[:, 0]).max() <= 1
+                    and (t.col_users[:, 1] - t.col_users[:, 0]).max() <= 1)
+    inner = _inner_windows(spec)[0]
+    _parallel.run(_box_backward_nchw, (g, dx, t.rows, t.cols, t.row_users, disjoint, inner),
                   spec.x_shape[0] * spec.x_shape[1], _parallel.box_work_ns(spec))
     return dx
