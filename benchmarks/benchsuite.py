@@ -98,8 +98,8 @@ def cases(op):
     "auto", "numpy" or "cuda-direct-device"), so that pytest-benchmark's JSON stores them as
     they are and ``--benchmark-group-by=param:shape`` reads well."""
     kind = bench.OPS[op][1]
-    shapes = [s for s in (bench.CONV_SHAPES if kind == "conv" else bench.POOL_SHAPES)
-              if not s.hidden]
+    shapes = [s for s in bench.SHAPES.values()
+              if s.kind == kind and not s.hidden and not s.held_out]
     out = []
     for s in shapes:
         for dt in DTYPES:

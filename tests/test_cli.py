@@ -78,7 +78,7 @@ def test_no_command_prints_help(capsys):
 
 
 def test_bench_runs_and_writes_json_plot_markdown(tmp_path):
-    args = ["bench", "--quick", "--shapes", "tiny,tiny-pool", "--dtype", "float64",
+    args = ["bench", "--quick", "--shapes", "tiny,tiny-pool,tiny-gap,tiny-decoder", "--dtype", "float64",
             "--repeat", "1", "--pause", "0", "--no-progress", "--json", "out.json",
             "--markdown", "out.md"]
     has_mpl = _importable("matplotlib")
@@ -88,8 +88,9 @@ def test_bench_runs_and_writes_json_plot_markdown(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     data = json.loads((tmp_path / "out.json").read_text())
     rows = data["results"]
-    assert {r["op"] for r in rows} == set(bench.OPS)
-    for op, (fc_op, _) in bench.OPS.items():
+    assert {r["op"] for r in rows} == set(bench.DEFAULT_OPS)
+    for op in bench.DEFAULT_OPS:
+        fc_op = bench.OPS[op][0]
         methods = {r["method"] for r in rows if r["op"] == op}
         assert {"auto", "numpy"} <= methods
         assert set(m for m in fc.methods(fc_op) if not m.startswith("cuda")) <= methods
@@ -102,7 +103,7 @@ def test_bench_runs_and_writes_json_plot_markdown(tmp_path):
             assert r["time"] > 0 and r["max_err"] < 1e-10 and r["speedup_numpy"] > 0
     assert all(r["gflops"] for r in rows if r["op"].startswith("conv") and r["time"])
     assert all(r["gbps"] for r in rows if r["op"].startswith("pool") and r["time"])
-    assert {a["op"] for a in data["auto"]} == set(bench.OPS)
+    assert {a["op"] for a in data["auto"]} == set(bench.DEFAULT_OPS)
     assert data["meta"]["threads"] == fc.get_num_threads()
     # the table on stdout, the Markdown file
     assert "vs numpy" in out.stdout and "max err" in out.stdout and "auto→" in out.stdout
@@ -241,10 +242,17 @@ def test_numpy_pool_peer_matches_the_reference(opts):
         fc.max_pool2d_backward(g, idx, x.shape, **opts, method="naive"), **tol(np.float64))
 
 
+TINY = {"conv": "tiny", "pool": "tiny-pool", "box": "tiny-gap", "transpose": "tiny-decoder"}
+
+
+def _tiny(op):
+    return TINY[bench.OPS[op][1]]
+
+
 @pytest.mark.parametrize("op", list(bench.OPS))
 def test_torch_peer_agrees(op):
     pytest.importorskip("torch")
-    shape = bench.SHAPES["tiny" if op.startswith("conv") else "tiny-pool"]
+    shape = bench.SHAPES[_tiny(op)]
     p = bench.Problem(op, shape, "float64")
     call, finish = bench.peer_call(p, "torch")
     err, ok = bench.max_error(p, finish(call()), p.reference())
@@ -354,14 +362,14 @@ def test_saved_policy_drives_auto(tmp_path, monkeypatch):
     """bench --save-policy writes the table auto reads, in the shipped table's JSON form."""
     results = []
     for op in bench.OPS:
-        shape = "tiny" if op.startswith("conv") else "tiny-pool"
+        shape = _tiny(op)
         for m in _registry.methods(bench.OPS[op][0]):
             if not m.startswith("cuda"):
                 r = _result(op, m, 1.0 if m == "naive" else 5.0)
                 r.shape, r.dtype = shape, "float64"
                 results.append(r)
     entries = bench.policy_entries(results, threads=fc.get_num_threads())
-    assert len(entries) == 4
+    assert len(entries) == len(bench.OPS)
     meta = {"date": "2026-11-22"}
     bench.save_policy(entries, tmp_path / "t.json", meta)
     shipped = json.loads(_policy.SHIPPED_TABLE.read_text())

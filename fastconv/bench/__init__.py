@@ -3,7 +3,8 @@
 It times every method usable here (``fastconv.methods``, CPU and GPU), ``method="auto"``, and
 the peers of `fastconv.bench.peers` (a NumPy im2col reference in the style of "Deep Learning from
 Scratch", scipy.signal loops on small shapes, PyTorch when installed) on the shape suite of
-DESIGN.md section 4, for conv2d forward and backward and max-pool forward and backward. Each
+DESIGN.md section 4, for conv2d forward and backward, max-pool forward and backward, global
+average pooling, transposed convolution and (with ``--ops``) the conv suite in channels-last. Each
 result is checked against the NumPy reference computed in float64, and one table shows the
 median time, the rate (GFLOP/s for convolutions, GB/s of memory traffic for max-pool), the
 speed-up over the NumPy reference and over PyTorch, and the relative max error.
@@ -33,12 +34,12 @@ from .cli import add_arguments, main
 from .report import format_auto, format_markdown, format_text, load_results, plot
 from .runner import (CONTENDERS, Entry, Result, auto_report, entries_for, policy_entries, run,
                      save_policy)
-from .suite import (CONV_SHAPES, HELDOUT_SHAPES, OPS, PEERS, POOL_SHAPES, QUICK_SHAPES, SHAPES,
-                    Problem, max_error, peer_call, select_shapes)
+from .suite import (BOX_SHAPES, CONV_SHAPES, DEFAULT_OPS, HELDOUT_SHAPES, OPS, PEERS, POOL_SHAPES, QUICK_SHAPES, SHAPES,
+                    TRANSPOSE_SHAPES, Problem, max_error, peer_call, select_shapes)
 from .timing import SLOW_CALL, measure, measure_together
 
-__all__ = ["CONTENDERS", "CONV_SHAPES", "Entry", "HELDOUT_SHAPES", "OPS", "PEERS",
+__all__ = ["BOX_SHAPES", "CONTENDERS", "CONV_SHAPES", "DEFAULT_OPS", "Entry", "HELDOUT_SHAPES", "OPS", "PEERS",
            "POOL_SHAPES", "Problem", "QUICK_SHAPES", "Result", "SHAPES", "SLOW_CALL",
            "add_arguments", "auto_report", "entries_for", "format_auto", "format_markdown",
            "format_text", "load_results", "main", "max_error", "measure", "measure_together",
-           "peer_call", "plot", "policy_entries", "run", "save_policy", "select_shapes"]
+           "peer_call", "plot", "policy_entries", "run", "save_policy", "select_shapes", "TRANSPOSE_SHAPES"]

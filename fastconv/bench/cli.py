@@ -12,7 +12,7 @@ from .report import (LEGEND, format_auto, format_markdown, format_text, load_res
                      machine_summary, peer_notes, plot)
 from . import runner
 from .runner import auto_report, policy_entries, real_gpu, run, save_policy
-from .suite import OPS, PEERS, QUICK_SHAPES, SHAPES, Problem, select_shapes
+from .suite import DEFAULT_OPS, OPS, PEERS, QUICK_SHAPES, SHAPES, Problem, select_shapes
 from .timing import SLOW_CALL
 
 __all__ = ["add_arguments", "main"]
@@ -27,8 +27,9 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--shapes", metavar="NAMES",
                    help="comma list of shape names or their beginnings, e.g. 'lenet-c1,vgg,pool2'"
                         " (default: the whole suite; see --list)")
-    p.add_argument("--ops", metavar="OPS", default=",".join(OPS),
-                   help=f"comma list of {', '.join(OPS)} (default: all)")
+    p.add_argument("--ops", metavar="OPS", default=",".join(DEFAULT_OPS),
+                   help=f"comma list of {', '.join(OPS)} (default: all but the channels-last "
+                        "-nhwc runs of the conv suite)")
     p.add_argument("--methods", metavar="NAMES",
                    help="comma list of methods and peers to time (default: all usable; peers "
                         f"are {', '.join(PEERS)}; 'auto' is fastconv's choice)")

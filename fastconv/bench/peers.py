@@ -30,6 +30,10 @@ __all__ = [
     "im2col_conv2d_backward",
     "im2col_max_pool2d",
     "im2col_max_pool2d_backward",
+    "im2col_conv_transpose2d",
+    "im2col_conv_transpose2d_backward",
+    "numpy_adaptive_avg_pool2d",
+    "numpy_adaptive_avg_pool2d_backward",
     "scipy_conv2d",
     "scipy_is_small",
     "torch_callable",
@@ -210,6 +214,63 @@ def im2col_max_pool2d_backward(grad_out, indices, x_shape, kernel_size, stride=N
     return dxp[:, :, ph:ph + h, pw:pw + w]
 
 
+def im2col_conv_transpose2d(x, w, b=None, stride=1, padding=0):
+    """conv_transpose2d forward with NumPy (groups 1, no output padding or dilation): one
+    product ``x W`` per pixel, then col2im, the book's way of running a conv backward."""
+    n, cin, h, wd = x.shape
+    _, cout, kh, kw = w.shape
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    out_shape = (n, cout, (h - 1) * sh - 2 * ph + kh, (wd - 1) * sw - 2 * pw + kw)
+    dcol = np.dot(x.transpose(0, 2, 3, 1).reshape(-1, cin), w.reshape(cin, -1))
+    out = _uncolumns(dcol, out_shape, ((ph, ph), (pw, pw)), kh, kw, sh, sw, 1, 1, h, wd)
+    if b is not None:
+        out = out + b.reshape(1, -1, 1, 1)
+    return out
+
+
+def im2col_conv_transpose2d_backward(grad_out, x, w, stride=1, padding=0):
+    """Gradients (dx, dw, db) of `im2col_conv_transpose2d`: dx is the conv2d of the
+    grad-output, dw the product of x and the grad-output's columns."""
+    cin = x.shape[1]
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    kh, kw = w.shape[2:]
+    gp = np.pad(grad_out, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    col = _columns(gp, kh, kw, sh, sw, 1, 1, *x.shape[2:])  # (N*H*W, C_out*R*S)
+    xm = x.transpose(0, 2, 3, 1).reshape(-1, cin)
+    dx = np.dot(col, w.reshape(cin, -1).T).reshape(x.shape[0], *x.shape[2:], cin)
+    dw = np.dot(xm.T, col).reshape(w.shape)
+    return dx.transpose(0, 3, 1, 2), dw, grad_out.sum(axis=(0, 2, 3))
+
+
+def numpy_adaptive_avg_pool2d(x, output_size=1):
+    """Adaptive average pooling with NumPy: a mean over each window's slice."""
+    n, c, h, w = x.shape
+    oh, ow = _pair(output_size)
+    out = np.empty((n, c, oh, ow), dtype=x.dtype)
+    for i in range(oh):
+        r0, r1 = i * h // oh, -(-(i + 1) * h // oh)
+        for j in range(ow):
+            c0, c1 = j * w // ow, -(-(j + 1) * w // ow)
+            out[:, :, i, j] = x[:, :, r0:r1, c0:c1].mean(axis=(2, 3))
+    return out
+
+
+def numpy_adaptive_avg_pool2d_backward(grad_out, x_shape, output_size=1):
+    """Its gradient: each output's gradient spread evenly over its window."""
+    n, c, h, w = x_shape
+    oh, ow = _pair(output_size)
+    dx = np.zeros(x_shape, dtype=grad_out.dtype)
+    for i in range(oh):
+        r0, r1 = i * h // oh, -(-(i + 1) * h // oh)
+        for j in range(ow):
+            c0, c1 = j * w // ow, -(-(j + 1) * w // ow)
+            dx[:, :, r0:r1, c0:c1] += (grad_out[:, :, i:i + 1, j:j + 1]
+                                       / ((r1 - r0) * (c1 - c0)))
+    return dx
+
+
 # ---------------------------------------------------------------------------------------------
 # scipy.signal loops
 
@@ -254,12 +315,14 @@ def scipy_conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
 # PyTorch
 
 
-def torch_callable(op, arrays, conf, device="cpu"):
+def torch_callable(op, arrays, conf, device="cpu", layout="NCHW"):
     """A zero-argument callable running ``op`` with PyTorch on ``device`` ("cpu" or "cuda"),
     and a function turning its result into NumPy arrays in fastconv's output order.
 
     ``arrays`` are the NumPy inputs of fastconv's function for ``op`` (see `fastconv.bench`);
-    they are copied to tensors once, outside the callable. On CUDA the callable synchronizes,
+    they are copied to tensors once, outside the callable. With ``layout="NHWC"`` (conv2d only)
+    they are channels-last with HWIO filters, and PyTorch gets them as NCHW tensors in its
+    ``channels_last`` memory format (the same bytes), its own way of running NHWC. On CUDA the callable synchronizes,
     and TF32 is turned off (for the whole process) so that float32 means float32, as in
     fastconv: cuDNN's default TF32 convolutions are faster but have 10-bit mantissas.
     """
@@ -274,6 +337,49 @@ def torch_callable(op, arrays, conf, device="cpu"):
         return torch.from_numpy(np.ascontiguousarray(a)).to(device)
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if layout == "NHWC":
+        return _torch_channels_last(op, arrays, conf, device, t, sync)
+    if op.startswith("adaptive_avg_pool2d"):
+        size = _pair(conf.get("output_size", 1))
+        if op == "adaptive_avg_pool2d":
+            (x,) = (t(a) for a in arrays)
+
+            def call():
+                y = F.adaptive_avg_pool2d(x, size)
+                sync()
+                return y
+
+            return call, lambda y: (y.cpu().numpy(),)
+        g = t(arrays[0])
+        x = torch.empty(tuple(arrays[1]), dtype=g.dtype, device=device)  # its shape is used
+
+        def call():
+            dx = torch.ops.aten._adaptive_avg_pool2d_backward(g, x)
+            sync()
+            return dx
+
+        return call, lambda dx: (dx.cpu().numpy(),)
+    if op.startswith("conv_transpose2d"):
+        stride, padding = _pair(conf.get("stride", 1)), _pair(conf.get("padding", 0))
+        if op == "conv_transpose2d":
+            x, w, b = (None if a is None else t(a) for a in arrays)
+
+            def call():
+                y = F.conv_transpose2d(x, w, b, stride, padding)
+                sync()
+                return y
+
+            return call, lambda y: (y.cpu().numpy(),)
+        g, x, w = (t(a) for a in arrays)
+
+        def call():
+            res = torch.ops.aten.convolution_backward(
+                g, x, w, [w.shape[1]], list(stride), list(padding), [1, 1], True, [0, 0], 1,
+                [True, True, True])
+            sync()
+            return res
+
+        return call, lambda res: tuple(r.cpu().numpy() for r in res)
     if op in ("conv2d", "conv2d_backward"):
         xa, wa = (arrays[0], arrays[1]) if op == "conv2d" else (arrays[1], arrays[2])
         (sh, sw), (dh, dw), ((pt, pb), (pl, pr)), _ = _conv_geometry(
@@ -338,4 +444,47 @@ def torch_callable(op, arrays, conf, device="cpu"):
             return dx
 
         return call, lambda dx: (dx.cpu().numpy(),)
-    raise ValueError(f"op={op!r} is not one of the four fastconv ops")
+    raise ValueError(f"op={op!r} has no PyTorch peer here")
+
+
+def _torch_channels_last(op, arrays, conf, device, t, sync):
+    """conv2d and its backward in PyTorch's channels_last format, from NHWC / HWIO arrays."""
+    import torch
+    import torch.nn.functional as F
+
+    cl = torch.channels_last
+
+    def nchw(a):  # NHWC bytes seen as NCHW: already channels_last
+        return t(a).permute(0, 3, 1, 2)
+
+    def oihw(a):
+        return t(a).permute(3, 2, 0, 1).contiguous(memory_format=cl)
+
+    def nhwc(y):
+        return y.permute(0, 2, 3, 1).cpu().numpy()
+
+    stride, groups = _pair(conf.get("stride", 1)), conf.get("groups", 1)
+    padding = _pair(conf.get("padding", 0))
+    if op == "conv2d":
+        x, w, b = nchw(arrays[0]), oihw(arrays[1]), t(arrays[2])
+
+        def call():
+            y = F.conv2d(x, w, b, stride, padding, 1, groups)
+            sync()
+            return y
+
+        return call, lambda y: (nhwc(y),)
+    g, x, w = nchw(arrays[0]), nchw(arrays[1]), oihw(arrays[2])
+
+    def call():
+        res = torch.ops.aten.convolution_backward(
+            g, x, w, [w.shape[0]], list(stride), list(padding), [1, 1], False, [0, 0], groups,
+            [True, True, True])
+        sync()
+        return res
+
+    def finish(res):
+        dx, dw, db = res
+        return nhwc(dx), dw.permute(2, 3, 1, 0).cpu().numpy(), db.cpu().numpy()
+
+    return call, finish

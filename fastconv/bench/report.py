@@ -195,7 +195,12 @@ def _shape_label(name):
         g = f" g{s.groups}" if s.groups > 1 else ""
         return (f"{name}\n{s.n}x{s.c}x{s.hw}\nk{s.k} {s.r}x{s.r}"
                 + (f" s{s.stride}" if s.stride > 1 else "") + g)
+    if s.kind == "transpose":
+        return f"{name}\n{s.n}x{s.c}x{s.hw}\nk{s.k} {s.r}x{s.r}" + (
+            f" s{s.stride}" if s.stride > 1 else "")
     n, c, h, _ = s.x_shape
+    if s.kind == "box":
+        return f"{name}\n{n}x{c}x{h}\nto {s.output_size}x{s.output_size}"
     return f"{name}\n{n}x{c}x{h}\n{s.kernel}x{s.kernel} s{s.stride}"
 
 

@@ -4,6 +4,7 @@ of each (op, shape, dtype), its float64 NumPy reference, and the calls of fastco
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -12,8 +13,9 @@ import numpy as np
 from .. import _validate
 from . import peers as _peers
 
-__all__ = ["ConvShape", "PoolShape", "CONV_SHAPES", "POOL_SHAPES", "HELDOUT_SHAPES", "SHAPES",
-           "QUICK_SHAPES", "OPS", "PEERS", "Problem", "peer_call", "max_error", "select_shapes"]
+__all__ = ["ConvShape", "PoolShape", "BoxShape", "TransposeShape", "CONV_SHAPES", "POOL_SHAPES",
+           "BOX_SHAPES", "TRANSPOSE_SHAPES", "HELDOUT_SHAPES", "SHAPES", "QUICK_SHAPES", "OPS",
+           "DEFAULT_OPS", "PEERS", "Problem", "peer_call", "max_error", "select_shapes"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,6 +81,65 @@ class PoolShape:
         return f"x {self.x_shape}, {self.kernel}x{self.kernel} stride {self.stride}"
 
 
+@dataclass(frozen=True)
+class BoxShape:
+    """Global (adaptive) average pooling of ``x_shape`` to ``output_size``."""
+
+    name: str
+    x_shape: tuple
+    output_size: int = 1
+    hidden: bool = False
+
+    kind = "box"
+
+    @property
+    def held_out(self):
+        return self.name.startswith("held-")
+
+    @property
+    def conf(self):
+        return dict(output_size=self.output_size)
+
+    def describe(self):
+        return f"x {self.x_shape} to {self.output_size}x{self.output_size}"
+
+
+@dataclass(frozen=True)
+class TransposeShape:
+    """A transposed convolution: x (n, c, hw, hw), w (c, k, r, r)."""
+
+    name: str
+    n: int
+    c: int
+    hw: int
+    k: int
+    r: int
+    stride: int = 1
+    pad: int = 0
+    hidden: bool = False
+
+    kind = "transpose"
+
+    @property
+    def held_out(self):
+        return self.name.startswith("held-")
+
+    @property
+    def x_shape(self):
+        return (self.n, self.c, self.hw, self.hw)
+
+    @property
+    def w_shape(self):
+        return (self.c, self.k, self.r, self.r)
+
+    @property
+    def conf(self):
+        return dict(stride=self.stride, padding=self.pad)
+
+    def describe(self):
+        return f"x {self.x_shape}, w {self.w_shape}, stride {self.stride}, pad {self.pad}"
+
+
 CONV_SHAPES = [
     ConvShape("lenet-c1", 64, 1, 28, 30, 5),
     ConvShape("keras-c1", 64, 1, 28, 64, 3),
@@ -101,6 +162,15 @@ POOL_SHAPES = [  # named by kernel and (N, C, H) with H = W
     PoolShape("pool3-8x96x55", (8, 96, 55, 55), 3, 2),  # AlexNet: 3x3 stride 2, overlapping
     PoolShape("tiny-pool", (2, 3, 10, 10), 3, 2, hidden=True),
 ]
+BOX_SHAPES = [  # global average pooling at the end of ResNet and MobileNet (issue 14)
+    BoxShape("gap-resnet", (8, 64, 28, 28)),  # the resnet-1x1 output
+    BoxShape("gap-mobilenet", (8, 128, 56, 56)),  # the mobilenet-dw output
+    BoxShape("tiny-gap", (2, 3, 6, 6), hidden=True),
+]
+TRANSPOSE_SHAPES = [  # a decoder's 2x2 stride-2 upsampling: 8x64x28x28 -> 8x32x56x56
+    TransposeShape("decoder-2x2", 8, 64, 28, 32, 2, stride=2),
+    TransposeShape("tiny-decoder", 2, 4, 5, 3, 2, stride=2, hidden=True),
+]
 #: Shapes of neither the suite nor the policy table: "auto within 10% of the fastest" is also
 #: checked on these, so that it tests the policy and not its training data.
 HELDOUT_SHAPES = [
@@ -113,16 +183,25 @@ HELDOUT_SHAPES = [
     PoolShape("held-pool2-32x48x40", (32, 48, 40, 40), 2, 2),
     PoolShape("held-pool3-16x64x27", (16, 64, 27, 27), 3, 2),
 ]
-SHAPES = {s.name: s for s in CONV_SHAPES + POOL_SHAPES + HELDOUT_SHAPES}
+SHAPES = {s.name: s for s in
+          CONV_SHAPES + POOL_SHAPES + BOX_SHAPES + TRANSPOSE_SHAPES + HELDOUT_SHAPES}
 QUICK_SHAPES = ("lenet-c1", "keras-c2", "mobilenet-dw", "pool2-64x30x24", "pool3-8x96x55")
 
 
-OPS = {
+OPS = {  # bench op -> (fastconv function, shape kind)
     "conv-fwd": ("conv2d", "conv"),
     "conv-bwd": ("conv2d_backward", "conv"),
     "pool-fwd": ("max_pool2d", "pool"),
     "pool-bwd": ("max_pool2d_backward", "pool"),
+    "gap-fwd": ("adaptive_avg_pool2d", "box"),
+    "gap-bwd": ("adaptive_avg_pool2d_backward", "box"),
+    "convT-fwd": ("conv_transpose2d", "transpose"),
+    "convT-bwd": ("conv_transpose2d_backward", "transpose"),
+    "conv-fwd-nhwc": ("conv2d", "conv"),  # the conv suite again, channels-last (HWIO)
+    "conv-bwd-nhwc": ("conv2d_backward", "conv"),
 }
+#: What `bench` runs without --ops: the channels-last run of the conv suite is asked for.
+DEFAULT_OPS = tuple(op for op in OPS if not op.endswith("-nhwc"))
 
 
 PEERS = ("numpy", "scipy", "torch", "torch-cuda")
@@ -138,6 +217,7 @@ class Problem:
     def __init__(self, op, shape, dtype):
         self.op, self.shape, self.dtype = op, shape, np.dtype(dtype)
         self.fc_op = OPS[op][0]
+        self.layout = "NHWC" if op.endswith("-nhwc") else "NCHW"
         self._inputs = None
 
     def __repr__(self):
@@ -148,8 +228,8 @@ class Problem:
         return (self.op, self.shape.name, str(self.dtype))
 
     def inputs(self):
-        """The arguments of fastconv's function (arrays in ``dtype``), the same in every
-        process: seeded by the problem's name."""
+        """The arguments of fastconv's function (arrays in ``dtype``, in the op's layout), the
+        same in every process: seeded by the problem's name."""
         if self._inputs is None:
             seed = sum(map(ord, f"{self.op}/{self.shape.name}"))
             rng = np.random.default_rng(seed)
@@ -158,69 +238,83 @@ class Problem:
             def rand(shape):
                 return rng.standard_normal(shape).astype(dt)
 
-            s = self.shape
-            if self.op == "conv-fwd":
-                self._inputs = (rand(s.x_shape), rand(s.w_shape), rand(s.k))
-            elif self.op == "conv-bwd":
+            s, op = self.shape, self.op.removesuffix("-nhwc")
+            if op == "conv-fwd":
+                a = (rand(s.x_shape), rand(s.w_shape), rand(s.k))
+            elif op == "conv-bwd":
                 x, w = rand(s.x_shape), rand(s.w_shape)
                 spec = _validate.conv2d(x, w, None, s.stride, s.pad, 1, s.groups)[-1]
-                self._inputs = (rand(spec.out_shape), x, w)
-            elif self.op == "pool-fwd":
-                self._inputs = (rand(s.x_shape),)
+                a = (rand(spec.out_shape), x, w)
+            elif op == "pool-fwd" or op == "gap-fwd":
+                a = (rand(s.x_shape),)
+            elif op == "gap-bwd":
+                a = (rand((*s.x_shape[:2], s.output_size, s.output_size)), s.x_shape)
+            elif op == "convT-fwd":
+                a = (rand(s.x_shape), rand(s.w_shape), rand(s.k))
+            elif op == "convT-bwd":
+                x, w = rand(s.x_shape), rand(s.w_shape)
+                spec = _validate.conv_transpose2d(x, w, None, s.stride, s.pad, 0, 1, 1)[-1]
+                a = (rand(spec.x_shape), x, w)
             else:
                 x = rand(s.x_shape)
                 _, idx = _peers.im2col_max_pool2d(x, **s.conf)
-                self._inputs = (rand(idx.shape), np.ascontiguousarray(idx), s.x_shape)
+                a = (rand(idx.shape), np.ascontiguousarray(idx), s.x_shape)
+            if self.layout == "NHWC":  # the same numbers, channels-last, filters HWIO
+                a = _channels_last(a)
+            self._inputs = a
         return self._inputs
 
     def spec(self, on_device=False):
-        a, s = self.inputs(), self.shape
-        if self.op == "conv-fwd":
-            spec = _validate.conv2d(*a, s.stride, s.pad, 1, s.groups)[-1]
-        elif self.op == "conv-bwd":
-            spec = _validate.conv2d_backward(*a, s.stride, s.pad, 1, s.groups)[-1]
-        elif self.op == "pool-fwd":
-            spec = _validate.max_pool2d(a[0], s.kernel, s.stride, 0, 1, False)[-1]
-        else:
-            spec = _validate.max_pool2d_backward(*a, s.kernel, s.stride, 0, 1, False)[-1]
+        from ..functional import _FUNCTIONS, _args
+
+        a = self.inputs()
+        bound = inspect.signature(_FUNCTIONS[self.fc_op]).bind(*a, **self.shape.conf,
+                                                               layout=self.layout)
+        bound.apply_defaults()
+        spec = _args(self.fc_op, bound.arguments)[0]
         return spec._replace(on_device=on_device)
 
     @property
     def flops(self):
         """Floating-point operations (convolutions only; the backward counts twice the
         forward), or None."""
-        if self.shape.kind != "conv":
+        if self.shape.kind not in ("conv", "transpose"):
             return None
         f = self.spec().flops
-        return 2 * f if self.op == "conv-bwd" else f
+        return 2 * f if "bwd" in self.op else f
 
     @property
     def nbytes(self):
-        """Bytes a max-pool must move at least (inputs read, outputs written), or None."""
-        if self.shape.kind != "pool":
+        """Bytes a pool must move at least (inputs read, outputs written), or None."""
+        if self.shape.kind not in ("pool", "box"):
             return None
         spec = self.spec()
         n_out = int(np.prod(spec.out_shape))
         n_in = int(np.prod(spec.x_shape))
         it = self.dtype.itemsize
+        if self.shape.kind == "box":
+            return (n_in + n_out) * it
         return n_in * it + n_out * (it + 8)  # x and dx; out or grad, and int64 indices
 
     @property
     def reduction(self):
         """Longest sum behind one output value (scales the error tolerance)."""
-        if self.shape.kind != "conv":
+        if self.shape.kind == "pool":
             return 16
         spec = self.spec()
+        if self.shape.kind == "box":
+            return int(np.prod(spec.x_shape[2:]))
         n, _, oh, ow = spec.out_shape
-        _, cg, r, s = spec.w_shape
-        return max(cg * r * s, n * oh * ow) if self.op == "conv-bwd" else cg * r * s
+        k, cg, r, s = spec.w_shape
+        if self.shape.kind == "transpose":  # the grad-input of a conv: sums over K/g * R*S
+            return max(k // spec.groups * r * s, n * oh * ow)
+        return max(cg * r * s, n * oh * ow) if "bwd" in self.op else cg * r * s
 
     def reference(self):
-        """The NumPy im2col result in float64 (from the same inputs, upcast exactly)."""
+        """The NumPy result in float64 (from the same inputs, upcast exactly)."""
         a = [np.asarray(v, np.float64) if isinstance(v, np.ndarray) and v.dtype.kind == "f"
              else v for v in self.inputs()]
-        conf = self.shape.conf
-        return tuple(np.asarray(r) for r in _numpy_peer(self.op, a, conf))
+        return tuple(np.ascontiguousarray(r) for r in _numpy_peer(self.op, a, self.shape.conf))
 
     def fastconv_call(self, method, device="cpu"):
         """(call, finish): a zero-argument callable running fastconv and a function turning
@@ -236,19 +330,15 @@ class Problem:
             sync = cuda.synchronize
             if device == "gpu":
                 a = tuple(cuda.to_device(v) if isinstance(v, np.ndarray) else v for v in a)
-        conf = self.shape.conf
-        if self.op == "conv-fwd":
-            def call():
-                return fc.conv2d(*a, **conf, method=method)
-        elif self.op == "conv-bwd":
-            def call():
-                return tuple(fc.conv2d_backward(*a, **conf, method=method))
-        elif self.op == "pool-fwd":
-            def call():
-                return fc.max_pool2d(*a, **conf, return_indices=True, method=method)
-        else:
-            def call():
-                return fc.max_pool2d_backward(*a, **conf, method=method)
+        fn = getattr(fc, self.fc_op)
+        conf = dict(self.shape.conf, method=method)
+        if self.layout != "NCHW":
+            conf["layout"] = self.layout
+        if self.op == "pool-fwd":
+            conf["return_indices"] = True
+
+        def call():
+            return fn(*a, **conf)
 
         if sync is not None:
             inner = call
@@ -259,20 +349,53 @@ class Problem:
                 return r
 
         def finish(r):
-            r = r if isinstance(r, tuple) else (r,)
+            r = tuple(r) if isinstance(r, tuple) else (r,)
             return tuple(v.copy_to_host() if hasattr(v, "copy_to_host") else np.asarray(v)
                          for v in r)
 
         return call, finish
 
 
+def _relayout(args, x_axes, w_axes, filters=True):
+    """Conv arguments (or gradients) with their 4-D arrays transposed: with ``filters`` the
+    last 4-D one is the filter bank (``w_axes``), the others are activations (``x_axes``);
+    shapes (tuples) follow ``x_axes``."""
+    four = [i for i, v in enumerate(args) if isinstance(v, np.ndarray) and v.ndim == 4]
+    if not filters:
+        four.append(-1)
+    out = []
+    for i, v in enumerate(args):
+        if isinstance(v, tuple):
+            v = tuple(v[j] for j in x_axes)
+        elif i in four:
+            v = np.ascontiguousarray(v.transpose(w_axes if i == four[-1] else x_axes))
+        out.append(v)
+    return tuple(out)
+
+
+def _channels_last(args, filters=True):
+    return _relayout(args, (0, 2, 3, 1), (2, 3, 1, 0), filters)
+
+
 def _numpy_peer(op, a, conf):
+    if op.endswith("-nhwc"):  # the NCHW result of the same numbers, channels-last
+        out = _numpy_peer(op.removesuffix("-nhwc"), _relayout(a, (0, 3, 1, 2), (3, 2, 0, 1)),
+                          conf)
+        return _channels_last(out, filters=len(out) > 1)  # (y,) or (dx, dw, db)
     if op == "conv-fwd":
         return (_peers.im2col_conv2d(*a, **conf),)
     if op == "conv-bwd":
         return _peers.im2col_conv2d_backward(*a, **conf)
     if op == "pool-fwd":
         return _peers.im2col_max_pool2d(*a, **conf)
+    if op == "gap-fwd":
+        return (_peers.numpy_adaptive_avg_pool2d(*a, **conf),)
+    if op == "gap-bwd":
+        return (_peers.numpy_adaptive_avg_pool2d_backward(*a, **conf),)
+    if op == "convT-fwd":
+        return (_peers.im2col_conv_transpose2d(*a, **conf),)
+    if op == "convT-bwd":
+        return _peers.im2col_conv_transpose2d_backward(*a, **conf)
     return (_peers.im2col_max_pool2d_backward(*a, **conf),)
 
 
@@ -286,7 +409,7 @@ def peer_call(problem, peer, device="cpu"):
         return (lambda: _peers.scipy_conv2d(*a, **conf)), (lambda r: (r,))
     if peer in ("torch", "torch-cuda"):
         return _peers.torch_callable(problem.fc_op, a, conf, "cuda" if peer == "torch-cuda"
-                                     else "cpu")
+                                     else "cpu", layout=problem.layout)
     raise ValueError(f"unknown peer {peer!r}")
 
 
