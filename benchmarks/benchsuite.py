@@ -108,6 +108,9 @@ def cases(op):
                 if entry.method == "scipy" and not _peers.scipy_is_small(
                         s.x_shape, s.w_shape, s.groups):
                     continue
+                if entry.kind == "fastconv" and not _registry.implementation(
+                        bench.OPS[op][0], entry.method).supports(Problem(op, s, dt).spec()):
+                    continue  # winograd: 3x3 stride-1 convolutions only
                 _ENTRIES[p.id] = entry
                 out.append(pytest.param(s.name, dt, p.id, marks=p.marks,
                                         id=f"{shape_id(s)}-{dt}-{p.id}"))

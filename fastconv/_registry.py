@@ -335,6 +335,11 @@ register("conv2d", "direct", f"{_DIRECT}:conv2d_forward", **_LOOPS)
 register("conv2d_backward", "direct", f"{_DIRECT}:conv2d_backward", **_LOOPS)
 register("max_pool2d", "direct", f"{_POOL}:max_pool2d_forward", priority=10)
 register("max_pool2d_backward", "direct", f"{_POOL}:max_pool2d_backward", priority=10)
+# Winograd: 3x3 stride-1 only; below im2col's priority, so auto takes it where measured fastest
+_WINO = dict(unavailable=_blas_missing, unsupported="fastconv.kernels.winograd:unsupported",
+             priority=3)
+register("conv2d", "winograd", "fastconv.kernels.winograd:conv2d_forward", **_WINO)
+register("conv2d_backward", "winograd", "fastconv.kernels.winograd:conv2d_backward", **_WINO)
 register("conv2d", "cuda-naive", f"{_CUDA}:conv2d_forward_naive", **_GPU)
 register("conv2d_backward", "cuda-naive", f"{_CUDA}:conv2d_backward_naive", **_GPU)
 register("max_pool2d", "cuda-naive", f"{_CUDA}:max_pool2d_forward_naive", **_GPU)

@@ -33,12 +33,14 @@ def tol(dtype, reduction=1):
     return t
 
 
-def method_params(op):
-    """Every registered method of ``op``; CUDA methods carry the ``cuda`` mark."""
+def method_params(op, problem=None):
+    """Every registered method of ``op`` (that takes ``problem`` = (x shape, w shape, options)
+    when given); CUDA methods carry the ``cuda`` mark."""
     return [
         pytest.param(m, marks=pytest.mark.cuda, id=m) if m.startswith("cuda") else
         pytest.param(m, id=m)
         for m in _registry.known(op)
+        if problem is None or takes(op, m, *problem)
     ]
 
 
@@ -231,12 +233,34 @@ def conv_cases(method):
     return CONV_CASES
 
 
+def takes(op, method, x_shape, w_shape, conf=None, **options):
+    """Whether ``method`` takes this conv2d or conv_transpose2d problem at all (winograd takes
+    3x3 stride-1 ones only; test_winograd.py checks that it refuses the others by name)."""
+    from fastconv import _validate
+
+    conf = {**(conf or {}), **options}
+    x, w = np.empty(x_shape), np.empty(w_shape)
+    if op.startswith("conv_transpose2d"):
+        geometry = [conf.get(k, d) for k, d in (("stride", 1), ("padding", 0),
+                                                ("output_padding", 0), ("groups", 1),
+                                                ("dilation", 1))]
+        spec = _validate.conv_transpose2d(x, w, None, *geometry, "NCHW")[3]
+    else:
+        geometry = [conf.get(k, d) for k, d in
+                    (("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1))]
+        spec = _validate.conv2d(x, w, None, *geometry, "NCHW")[3]
+    return _registry.implementation(op, method).unsupported(spec) is None
+
+
 def method_case_params(op, small_only=False):
-    """(method, case) pairs for parametrize, with readable ids and the cuda mark."""
+    """(method, case) pairs for parametrize, with readable ids and the cuda mark; a method's
+    pairs are the cases it takes."""
     out = []
     for m in _registry.known(op):
         for c in conv_cases(m):
             if small_only and c.name.startswith("medium"):
+                continue
+            if not takes(op, m, c.x_shape, c.w_shape, c.conf):
                 continue
             marks = [pytest.mark.cuda] if is_cuda(m) else []
             out.append(pytest.param(m, c, marks=marks, id=f"{m}-{c.name}"))

@@ -1,0 +1,137 @@
+"""The winograd method beyond the shared grid: random 3x3 stride-1 problems against scipy.signal
+and the numerical gradients, its block tails, its accuracy, what it refuses, and that it never
+keeps stale weights."""
+
+import numpy as np
+import pytest
+
+import fastconv as fc
+from fastconv.kernels import winograd
+from helpers import einsum_conv2d, numerical_grads, scipy_conv2d, tol
+
+pytestmark = pytest.mark.skipif("winograd" not in fc.methods("conv2d"),
+                                reason="winograd needs the compiled core's BLAS")
+
+
+def _random_problem(rng, dtype):
+    n, c, k = (int(v) for v in rng.integers(1, 6, 3))
+    h, w = (int(v) for v in rng.integers(1, 16, 2))
+    pads = tuple(tuple(int(p) for p in rng.integers(0, 4, 2)) for _ in range(2))
+    if h + sum(pads[0]) < 3:
+        h = 3
+    if w + sum(pads[1]) < 3:
+        w = 3
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)
+    wt = rng.standard_normal((k, c, 3, 3)).astype(dtype)
+    b = rng.standard_normal(k).astype(dtype)
+    return x, wt, b, dict(padding=pads)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_random_problems_match_scipy(dtype):
+    rng = np.random.default_rng(7)
+    for _ in range(40):
+        x, w, b, conf = _random_problem(rng, dtype)
+        got = fc.conv2d(x, w, b, **conf, method="winograd")
+        want = scipy_conv2d(x, w, b, **conf)
+        assert got.dtype == dtype and got.shape == want.shape
+        np.testing.assert_allclose(got, want, **tol(dtype, 9 * x.shape[1]))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_random_gradients_match_naive(dtype):
+    rng = np.random.default_rng(8)
+    for _ in range(25):
+        x, w, _, conf = _random_problem(rng, dtype)
+        g = rng.standard_normal(einsum_conv2d(x, w, **conf).shape).astype(dtype)
+        got = fc.conv2d_backward(g, x, w, **conf, method="winograd")
+        want = fc.conv2d_backward(g, x, w, **conf, method="naive")
+        for a, e in zip(got, want):
+            np.testing.assert_allclose(a, e, **tol(dtype, 9 * max(x.shape[1], w.shape[0])))
+
+
+def test_gradients_match_central_differences():
+    rng = np.random.default_rng(9)
+    x, w = rng.standard_normal((2, 3, 6, 7)), rng.standard_normal((4, 3, 3, 3))
+    conf = dict(padding=((2, 0), (1, 3)))
+    g = rng.standard_normal(einsum_conv2d(x, w, **conf).shape)
+    dx, dw, db = fc.conv2d_backward(g, x, w, **conf, method="winograd")
+    ndx, ndw, ndb = numerical_grads(x, w, g, conf)
+    np.testing.assert_allclose(dx, ndx, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(dw, ndw, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(db, ndb, rtol=1e-6, atol=1e-6)
+
+
+def test_many_blocks_with_a_tail_and_thread_independent_results():
+    """More tiles than one block holds, a partial last block, and bit-identical results on one
+    thread and on all."""
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((3, 5, 70, 37)).astype(np.float32)
+    w = rng.standard_normal((6, 5, 3, 3)).astype(np.float32)
+    rows = winograd.plan(3 * 18, 10, fc.get_num_threads())  # tile rows of 10 tiles
+    assert rows < 3 * 18 and (3 * 18) % rows
+    got = fc.conv2d(x, w, padding=1, method="winograd")
+    np.testing.assert_allclose(got, scipy_conv2d(x, w, padding=1), **tol(np.float32, 45))
+    threads = fc.get_num_threads()
+    try:
+        fc.set_num_threads(1)
+        one = fc.conv2d(x, w, padding=1, method="winograd")
+    finally:
+        fc.set_num_threads(threads)
+    np.testing.assert_array_equal(one, got)
+
+
+def test_float32_error_is_within_the_bench_check_on_a_deep_reduction():
+    """The bench's check (relative max error <= 1e-5 sqrt(C R S)) on a VGG-like reduction, and
+    within a known factor of im2col's own float32 error."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 128, 12, 12)).astype(np.float32)
+    w = rng.standard_normal((16, 128, 3, 3)).astype(np.float32)
+    want = scipy_conv2d(x.astype(np.float64), w.astype(np.float64), padding=1)
+    scale = np.abs(want).max()
+    err = np.abs(fc.conv2d(x, w, padding=1, method="winograd") - want).max() / scale
+    base = np.abs(fc.conv2d(x, w, padding=1, method="im2col") - want).max() / scale
+    assert err <= 1e-5 * np.sqrt(128 * 9)
+    assert err <= 50 * base  # measured: about 20x (F(4x4, 3x3) amplifies rounding)
+
+
+def test_weights_changed_in_place_are_seen():
+    rng = np.random.default_rng(12)
+    x, w = rng.standard_normal((1, 2, 8, 8)), rng.standard_normal((3, 2, 3, 3))
+    first = fc.conv2d(x, w, method="winograd")
+    w *= -2.0
+    np.testing.assert_allclose(fc.conv2d(x, w, method="winograd"), -2.0 * first, rtol=1e-12)
+
+
+@pytest.mark.parametrize("w_shape,conf,match", [
+    ((4, 3, 5, 5), {}, "3x3 kernels"),
+    ((4, 3, 3, 3), dict(stride=2), "stride 1"),
+    ((4, 3, 3, 3), dict(dilation=2), "dilation 1"),
+    ((6, 1, 3, 3), dict(groups=3), "groups=1"),
+])
+def test_refuses_what_it_cannot_compute_by_name(w_shape, conf, match):
+    x = np.ones((1, 3, 9, 9))
+    w = np.ones(w_shape)
+    with pytest.raises(ValueError, match=f"method='winograd' cannot run this problem.*{match}"):
+        fc.conv2d(x, w, **conf, method="winograd")
+    g = np.ones_like(fc.conv2d(x, w, **conf, method="naive"))
+    with pytest.raises(ValueError, match=match):
+        fc.conv2d_backward(g, x, w, **conf, method="winograd")
+    assert fc.choose_method("conv2d", x, w, **conf) != "winograd"
+
+
+def test_weight_transform_is_exact_in_float64():
+    """U = G w G^T: the 36 values reproduce the 3x3 correlation of a 6x6 patch (checked by the
+    defining identity y = A^T (U * B^T d B) A)."""
+    rng = np.random.default_rng(13)
+    w = rng.standard_normal((1, 1, 3, 3))
+    d = rng.standard_normal((6, 6))
+    bt = np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+                   [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], float)
+    at = np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0],
+                   [0, 1, -1, 8, -8, 1]], float)
+    u = winograd.transform_weight(w)[:, 0, 0].reshape(6, 6)
+    y = at @ (u * (bt @ d @ bt.T)) @ at.T
+    want = np.array([[np.sum(d[i:i + 3, j:j + 3] * w[0, 0]) for j in range(4)]
+                     for i in range(4)])
+    np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-12)
