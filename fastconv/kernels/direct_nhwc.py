@@ -23,6 +23,14 @@ layer loses nothing to remainders.
   blocks that stay in cache while all its reduction entries use them.
 - Depthwise layers (one input channel per group, one output channel each): a vector loop over
   the channels of a pixel for each tap.
+- The one exception to reading NHWC as it is: the grad-input of a layer with fewer input
+  channels per group than a vector holds (a first layer, C = 1 or 3) would vectorize over
+  those few channels, so it transposes the grad-output and runs direct.py's NCHW kernel.
+
+Register tiles (fastconv.kernels._simd.tile4): forward and grad-input keep 4 pixels x one
+vector of output channels, grad-weight 4 reduction entries x one vector, in vector registers
+over the whole reduction (forward) or a block of pixels (grad-weight), and store them once;
+the channels and entries left over go through the scalar-source kernels below.
 
 Work items are rows (forward, grad-input) or blocks of ``dw`` (grad-weight); every item writes
 its own outputs and sums in a fixed order, so results are deterministic and do not depend on
@@ -39,6 +47,7 @@ from numba import njit, uint64
 
 from . import NUMBA_CACHE, _parallel
 from ._numba import cdiv, claim, wide
+from ._simd import LANES, tile4
 
 __all__ = ["conv2d_forward", "conv2d_backward"]
 
@@ -172,7 +181,7 @@ def _gw1(x, xb0, off, r0, r1, g, g0, dw, d0, dstride, kc):
 
 
 @njit(cache=NUMBA_CACHE, nogil=True)
-def _correlate_part(src, off, w, bias, out, geom, counter):
+def _correlate_part(src, off, w, bias, out, geom, lanes, counter):
     """Rows of out: out[n, orow(u), ocol(v), koff + kk] = bias + sum_r src[...] * w[r, ...].
 
     geom: images, source (rows, cols, channels, row step, col step, channels per group), output
@@ -202,8 +211,16 @@ def _correlate_part(src, off, w, bias, out, geom, counter):
         s = ((n * hs + u * srs) * ws) * cs + grp * cgs
         v = 0
         while v + 4 <= nv:
-            _row4(src, s + v * sstep, sstep, off, 0, red, w, koff, ko, out, o + v * ostep, ostep,
-                  kc)
+            s0, o0 = s + v * sstep, o + v * ostep
+            k0 = 0
+            while k0 + lanes <= kc:  # 4 pixels x one vector of channels, in registers
+                tile4(src, s0, s0 + sstep, s0 + 2 * sstep, s0 + 3 * sstep, off, 0, red, w,
+                      koff + k0, ko, out, o0 + k0, o0 + ostep + k0, o0 + 2 * ostep + k0,
+                      o0 + 3 * ostep + k0)
+                k0 += lanes
+            if k0 < kc:
+                _row4(src, s0, sstep, off, 0, red, w, koff + k0, ko, out, o0 + k0, ostep,
+                      kc - k0)
             v += 4
         while v < nv:
             _row1(src, s + v * sstep, off, 0, red, w, koff, ko, out, o + v * ostep, kc)
@@ -278,18 +295,33 @@ def _depthwise_grad_weight_part(x, off, g, part, geom, counter):
 
 
 @njit(cache=NUMBA_CACHE, nogil=True)
-def _grad_weight_part(x, off, g, dw, geom, counter):
-    """Blocks of dw (red, K): dw[r, koff + kk] = sum over pixels of x[base + off[r]] * g[pixel,
-    koff + kk]. geom: images, input (rows, cols, channels), stride, output rows and cols,
-    groups, channels per group in and out, reduction length. Items are (group, block of
-    RED_BLOCK reduction entries, block of KC output channels)."""
-    n_img, hp, wp, c, sh, sw, oh, ow, groups, cg, kg, red = geom
+def _gw_scalar(x, off, r0, r1, g, dw, koff, kc, gc, k, pix, p0, p1):
+    """dw[r, koff + kk] += sum over pixels [p0, p1) of x[pix + gc + off[r]] * g[pixel, koff +
+    kk] for r in [r0, r1), kk < kc: 4 pixels at a time through `_gw4`."""
+    p = p0
+    while p + 4 <= p1:
+        _gw4(x, pix[p] + gc, pix[p + 1] + gc, pix[p + 2] + gc, pix[p + 3] + gc, off, r0, r1,
+             g, p * k + koff, (p + 1) * k + koff, (p + 2) * k + koff, (p + 3) * k + koff, dw,
+             koff, k, kc)
+        p += 4
+    while p < p1:
+        _gw1(x, pix[p] + gc, off, r0, r1, g, p * k + koff, dw, koff, k, kc)
+        p += 1
+
+
+@njit(cache=NUMBA_CACHE, nogil=True)
+def _grad_weight_part(x, off, g, dw, pix, geom, lanes, counter):
+    """Blocks of dw (red, K): dw[r, koff + kk] = sum over pixels p of x[pix[p] + off[r]] *
+    g[p, koff + kk] (``pix``: each grad-output pixel's first input element). geom: groups,
+    channels per group in and out, reduction length. Items are (group, block of RED_BLOCK
+    reduction entries, block of KC output channels). Four reduction entries x one vector of
+    channels are accumulated in registers over a block of pixels (`tile4`); the entries and
+    channels left over go through `_gw4`."""
+    groups, cg, kg, red = geom
     k = groups * kg
+    n_pix = pix.size
     n_kb, n_rb = cdiv(kg, KC), cdiv(red, RED_BLOCK)
     n_items = groups * n_rb * n_kb
-    n_pix = n_img * oh * ow
-    xb = np.empty(4, np.int64)
-    gb = np.empty(4, np.int64)
     item = claim(counter)
     while item < n_items:
         kb = item % n_kb
@@ -298,34 +330,27 @@ def _grad_weight_part(x, off, g, dw, geom, counter):
         grp = rest // n_rb
         koff = grp * kg + kb * KC
         kc = min(KC, kg - kb * KC)
+        kv = kc - kc % lanes  # channels the vector tiles take
+        gc = grp * cg
         r0, r1 = rb * RED_BLOCK, min(red, (rb + 1) * RED_BLOCK)
+        rv = r0 + (r1 - r0) // 4 * 4 if kv > 0 else r0  # entries the vector tiles take
         for r in range(r0, r1):
             for kk in range(kc):
                 dw[r * k + koff + kk] = 0.0
         for p0 in range(0, n_pix, PIXEL_BLOCK):
             p1 = min(n_pix, p0 + PIXEL_BLOCK)
-            p = p0
-            while p < p1:
-                m = min(4, p1 - p)
-                for u in range(m):
-                    j = (p + u) % ow
-                    rest = (p + u) // ow
-                    i = rest % oh
-                    n = rest // oh
-                    xb[u] = ((n * hp + i * sh) * wp + j * sw) * c + grp * cg
-                    gb[u] = (p + u) * k + koff
-                if m == 4:
-                    _gw4(x, xb[0], xb[1], xb[2], xb[3], off, r0, r1, g, gb[0], gb[1], gb[2],
-                         gb[3], dw, koff, k, kc)
-                else:
-                    for u in range(m):
-                        _gw1(x, xb[u], off, r0, r1, g, gb[u], dw, koff, k, kc)
-                p += m
+            for r in range(r0, rv, 4):
+                f0, f1 = np.int64(off[r]) + gc, np.int64(off[r + 1]) + gc
+                f2, f3 = np.int64(off[r + 2]) + gc, np.int64(off[r + 3]) + gc
+                for k0 in range(0, kv, lanes):
+                    d = koff + k0
+                    tile4(x, f0, f1, f2, f3, pix, p0, p1, g, d, k, dw, r * k + d,
+                          (r + 1) * k + d, (r + 2) * k + d, (r + 3) * k + d)
+            if rv < r1:
+                _gw_scalar(x, off, rv, r1, g, dw, koff, kc, gc, k, pix, p0, p1)
+            if kv < kc and rv > r0:
+                _gw_scalar(x, off, r0, rv, g, dw, koff + kv, kc - kv, gc, k, pix, p0, p1)
         item = claim(counter)
-
-
-# ---------------------------------------------------------------------------------------------
-# plans (cached per spec) and entry points
 
 
 def _pad(a, top, bottom, left, right):
@@ -358,7 +383,7 @@ def _run_correlation(src, off, w, bias, out, geom, work_ns, depthwise):
     if depthwise:
         _parallel.run(_depthwise_part, (src, off, w, bias, out, geom), n_img * nu, work_ns)
     else:
-        _parallel.run(_correlate_part, (src, off, w, bias, out, geom),
+        _parallel.run(_correlate_part, (src, off, w, bias, out, geom, LANES[str(out.dtype)]),
                       n_img * nu * groups * cdiv(kg, KC), work_ns)
 
 
@@ -463,15 +488,34 @@ def _grad_weight(g, x, spec):
         return part.sum(axis=0).reshape(r, s, 1, c)
     off = _offsets(taps, cg, wp, c)
     dwt = np.empty((r * s * cg, k), dtype=spec.dtype)
-    geom = (n, hp, wp, c, sh, sw, oh, ow, spec.groups, cg, k // spec.groups, len(off))
+    geom = (spec.groups, cg, k // spec.groups, len(off))
+    pix = (((np.arange(n)[:, None, None] * hp + np.arange(oh)[None, :, None] * sh) * wp
+            + np.arange(ow)[None, None, :] * sw) * c).astype(np.int64).reshape(-1)
     n_items = spec.groups * cdiv(len(off), RED_BLOCK) * cdiv(k // spec.groups, KC)
     _parallel.run(_grad_weight_part, (src.reshape(-1), off, g.reshape(-1), dwt.reshape(-1),
-                                      geom), n_items, _parallel.conv_work_ns(spec))
+                                      pix, geom, LANES[spec.dtype]), n_items,
+                  _parallel.conv_work_ns(spec))
     return dwt.reshape(r, s, cg, k)
 
 
+def _grad_input_nchw(g, w, spec):
+    """Grad-input of a layer with fewer input channels per group than one vector holds (a
+    first layer): the channels-last kernel would vectorize over those few channels, so this
+    transposes the grad-output and runs direct's NCHW kernel, which vectorizes over pixels."""
+    from . import direct
+
+    gn = np.ascontiguousarray(g.transpose(0, 3, 1, 2))
+    wn = np.ascontiguousarray(w.transpose(3, 2, 0, 1))
+    dx = direct.conv2d_backward(gn, None, wn, spec._replace(layout="NCHW"), True, False,
+                                False)[0]
+    return np.ascontiguousarray(dx.transpose(0, 2, 3, 1))
+
+
 def conv2d_backward(g, x, w, spec, need_input, need_weight, need_bias):
-    dx = _grad_input(g, w, spec) if need_input else None
+    if need_input and spec.w_shape[1] < LANES[spec.dtype] and not _depthwise(spec):
+        dx = _grad_input_nchw(g, w, spec)
+    else:
+        dx = _grad_input(g, w, spec) if need_input else None
     dw = _grad_weight(g, x, spec) if need_weight else None
     db = g.sum(axis=(0, 1, 2)) if need_bias else None
     return dx, dw, db
