@@ -21,31 +21,60 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["LANES", "tile4"]
+__all__ = ["LANES", "tile4", "tile4t"]
 
 #: Lanes of one accumulator vector: 64 bytes of the dtype.
 LANES = {"float32": 16, "float64": 8}
 
 
+def _tile_codegen(context, builder, lanes, elem_ty, scalar_at, vector_at, lo, hi, out_p, qs):
+    """The loop both tiles share: for r in [lo, hi), acc_u += splat(*scalar_at(r, u)) *
+    load(vector_at(r)); then out[q_u : q_u + lanes] += acc_u. ``scalar_at`` and ``vector_at``
+    emit the element pointers."""
+    intp = context.get_value_type(types.intp)
+    vty = ir.VectorType(elem_ty, lanes)
+    size = context.get_abi_sizeof(elem_ty)
+    zeros = ir.Constant(vty, [ir.Constant(elem_ty, 0.0)] * lanes)
+    splat_mask = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
+    suffix = f"v{lanes}f{32 if lanes == 16 else 64}"
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
+                                         f"llvm.fma.{suffix}")
+    accs = [cgutils.alloca_once_value(builder, zeros) for _ in range(4)]
+    with cgutils.for_range_slice(builder, lo, hi, ir.Constant(intp, 1), intp=intp) as (r, _):
+        vv = builder.load(builder.bitcast(vector_at(r), vty.as_pointer()), align=size)
+        for u, acc in enumerate(accs):
+            a = builder.load(scalar_at(r, u))
+            av = builder.insert_element(ir.Constant(vty, ir.Undefined), a,
+                                        ir.Constant(ir.IntType(32), 0))
+            av = builder.shuffle_vector(av, ir.Constant(vty, ir.Undefined), splat_mask)
+            builder.store(builder.call(fma, [av, vv, builder.load(acc)]), acc)
+    for q, acc in zip(qs, accs):
+        op = builder.bitcast(builder.gep(out_p, [q]), vty.as_pointer())
+        builder.store(builder.fadd(builder.load(op, align=size), builder.load(acc)), op,
+                      align=size)
+
+
+def _float_arrays(*arrays):
+    return (all(isinstance(a, types.Array) for a in arrays)
+            and len({a.dtype for a in arrays}) == 1
+            and arrays[0].dtype in (types.float32, types.float64))
+
+
 @intrinsic
 def tile4(typingctx, src, t0, t1, t2, t3, off, r0, r1, w, wb, wstride, out, q0, q1, q2, q3):
     """For pixels u = 0..3 and lanes l < LANES[dtype]:
-    ``out[q_u + l] += sum over r in [r0, r1) of src[t_u + off[r]] * w[wb + r*wstride + l]``.
+    ``out[q_u + l] += sum over r in [r0, r1) of src[t_u + off[r]] * w[wb + r*wstride + l]``
+    (channels-last: a vector of output channels per pixel).
 
     The four accumulators live in vector registers for the whole reduction; every index must
     be in range (the callers' geometry guarantees it: nothing is checked here).
     """
-    if not (isinstance(src, types.Array) and isinstance(w, types.Array)
-            and isinstance(out, types.Array) and src.dtype == w.dtype == out.dtype
-            and src.dtype in (types.float32, types.float64)):
+    if not _float_arrays(src, w, out):
         return None
     lanes = 16 if src.dtype == types.float32 else 8
     sig = types.none(src, t0, t1, t2, t3, off, r0, r1, w, wb, wstride, out, q0, q1, q2, q3)
 
     def codegen(context, builder, sig, args):
-        intp = context.get_value_type(types.intp)
-        (a_src, a_t0, a_t1, a_t2, a_t3, a_off, a_r0, a_r1, a_w, a_wb, a_ws, a_out,
-         a_q0, a_q1, a_q2, a_q3) = args
         ty = sig.args
 
         def index(i):
@@ -56,32 +85,58 @@ def tile4(typingctx, src, t0, t1, t2, t3, off, r0, r1, w, wb, wstride, out, q0, 
 
         src_p, off_p, w_p, out_p = data(0), data(5), data(8), data(11)
         ts = [index(i) for i in (1, 2, 3, 4)]
-        qs = [index(i) for i in (12, 13, 14, 15)]
-        lo, hi, wb, ws = index(6), index(7), index(9), index(10)
-        elem = src_p.type.pointee
-        vty = ir.VectorType(elem, lanes)
-        size = context.get_abi_sizeof(elem)
-        zeros = ir.Constant(vty, [ir.Constant(elem, 0.0)] * lanes)
-        splat_mask = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
-        suffix = f"v{lanes}f{32 if lanes == 16 else 64}"
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
-                                             f"llvm.fma.{suffix}")
-        accs = [cgutils.alloca_once_value(builder, zeros) for _ in range(4)]
-        with cgutils.for_range_slice(builder, lo, hi, ir.Constant(intp, 1), intp=intp) as (r, _):
-            f = context.cast(builder, builder.load(builder.gep(off_p, [r])), ty[5].dtype,
-                             types.intp)
-            wp = builder.gep(w_p, [builder.add(wb, builder.mul(r, ws))])
-            wv = builder.load(builder.bitcast(wp, vty.as_pointer()), align=size)
-            for t, acc in zip(ts, accs):
-                a = builder.load(builder.gep(src_p, [builder.add(t, f)]))
-                av = builder.insert_element(ir.Constant(vty, ir.Undefined), a,
-                                            ir.Constant(ir.IntType(32), 0))
-                av = builder.shuffle_vector(av, ir.Constant(vty, ir.Undefined), splat_mask)
-                builder.store(builder.call(fma, [av, wv, builder.load(acc)]), acc)
-        for q, acc in zip(qs, accs):
-            op = builder.bitcast(builder.gep(out_p, [q]), vty.as_pointer())
-            builder.store(builder.fadd(builder.load(op, align=size), builder.load(acc)), op,
-                          align=size)
+        wb, ws = index(9), index(10)
+
+        def offset(r):
+            return context.cast(builder, builder.load(builder.gep(off_p, [r])), ty[5].dtype,
+                                types.intp)
+
+        def scalar_at(r, u):
+            return builder.gep(src_p, [builder.add(ts[u], offset(r))])
+
+        def vector_at(r):
+            return builder.gep(w_p, [builder.add(wb, builder.mul(r, ws))])
+
+        _tile_codegen(context, builder, lanes, src_p.type.pointee, scalar_at, vector_at,
+                      index(6), index(7), out_p, [index(i) for i in (12, 13, 14, 15)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def tile4t(typingctx, w, s0, s1, s2, s3, sstride, src, vb, off, r0, r1, out, q0, q1, q2, q3):
+    """For output channels u = 0..3 and lanes l < LANES[dtype]:
+    ``out[q_u + l] += sum over r in [r0, r1) of w[s_u + r*sstride] * src[vb + off[r] + l]``
+    (NCHW: a vector of pixels per output channel), held in registers as `tile4`."""
+    if not _float_arrays(w, src, out):
+        return None
+    lanes = 16 if src.dtype == types.float32 else 8
+    sig = types.none(w, s0, s1, s2, s3, sstride, src, vb, off, r0, r1, out, q0, q1, q2, q3)
+
+    def codegen(context, builder, sig, args):
+        ty = sig.args
+
+        def index(i):
+            return context.cast(builder, args[i], ty[i], types.intp)
+
+        def data(i):
+            return context.make_array(ty[i])(context, builder, args[i]).data
+
+        w_p, src_p, off_p, out_p = data(0), data(6), data(8), data(11)
+        ss = [index(i) for i in (1, 2, 3, 4)]
+        st, vb = index(5), index(7)
+
+        def scalar_at(r, u):
+            return builder.gep(w_p, [builder.add(ss[u], builder.mul(r, st))])
+
+        def vector_at(r):
+            off = context.cast(builder, builder.load(builder.gep(off_p, [r])), ty[8].dtype,
+                               types.intp)
+            return builder.gep(src_p, [builder.add(vb, off)])
+
+        _tile_codegen(context, builder, lanes, src_p.type.pointee, scalar_at, vector_at,
+                      index(9), index(10), out_p, [index(i) for i in (12, 13, 14, 15)])
         return context.get_dummy_value()
 
     return sig, codegen

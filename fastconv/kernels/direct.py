@@ -11,9 +11,11 @@ split into stride phases (``xq[c, a, b, u, v] = xpad[c, u*sh + a, v*sw + b]``), 
 reads a stride-1 window of one phase plane. Output pixel ``(i, j)`` is then grid position
 ``t = i*gw + j`` and each tap ``(c, p, q)`` is a constant offset: ``acc[t] += w * src[off + t]``.
 Flattening rows this way gives one long contiguous loop per tile (the columns ``j >= OW`` are
-computed and dropped). The reduction is cut into chunks of 9 taps; a micro-kernel keeps the 9
-weights of 4 output channels in registers and makes one pass over the tile per chunk, so each
-loaded input vector feeds 4 FMAs and each accumulator load/store 9 of them. 1x1, 3x3, 5x5 and
+computed and dropped). A register tile (fastconv.kernels._simd.tile4t) holds 4 output channels
+x one vector of positions in registers over the whole reduction and stores it once, so each
+loaded input vector feeds 4 FMAs and no accumulator moves until the end; the positions left
+over take a micro-kernel that keeps the 9 weights of a chunk of 9 taps in registers and makes
+one pass over them per chunk. 1x1, 3x3, 5x5 and
 11x11 kernels, dilation and groups differ only in their offset tables.
 
 In the forward pass each work item builds just the grid rows of its tile (all channels its
@@ -44,6 +46,7 @@ from numba import njit, uint64
 
 from . import NUMBA_CACHE, _parallel, direct_nhwc
 from ._numba import cdiv, claim, wide
+from ._simd import tile4t
 
 __all__ = ["unsupported", "conv2d_forward", "conv2d_backward"]
 
@@ -333,8 +336,16 @@ def _correlate_item(item, src, offs, wpk, blocks, bias, has_bias, out, gw, nvr, 
                 acc[r, t] = 0
         if nv == 1:
             _mk1(img, offs[grp], wpk[blk], acc, t0, m)
-        else:
-            _mk4(img, offs[grp], wpk[blk], acc, t0, m)
+        else:  # 4 channels x a vector of positions in registers over all taps, then the tail
+            lanes = 16 if acc.itemsize == 4 else 8
+            tv = m // lanes * lanes
+            taps, wts, accf, aw = offs[grp].reshape(-1), wpk[blk].reshape(-1), acc.reshape(-1), \
+                acc.shape[1]
+            for t in range(0, tv, lanes):
+                tile4t(wts, 0, 1, 2, 3, KB, img, t0 + t, taps, 0, taps.size, accf, t, aw + t,
+                       2 * aw + t, 3 * aw + t)
+            if tv < m:
+                _mk4(img, offs[grp], wpk[blk], acc[:, tv:], t0 + tv, m - tv)
         for r in range(nv):
             k = k0 + r
             obase = ((n * k_out + k) * oh_out + yo) * ow_out + xo
