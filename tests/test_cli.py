@@ -439,3 +439,14 @@ def test_info_and_bench_warn_loudly_about_a_missing_cpu_method():
                             "naive,im2col", "--no-peers", "--no-progress", "--repeat", "1"],
                            capture_output=True, text=True, timeout=300)
     assert "WARNING: method 'im2col' cannot run here, so it has no rows" in bench.stderr
+
+
+def test_the_table_says_why_the_torch_column_is_empty(monkeypatch):
+    from fastconv.bench import report
+
+    rows = [runner.Result("conv-fwd", "tiny", "float32", "direct", "fastconv", "cpu", "direct",
+                          time=1e-3)]
+    monkeypatch.setattr(report.importlib.util, "find_spec", lambda name: object())
+    assert any("PyTorch was not timed" in n for n in report.peer_notes(rows))
+    monkeypatch.setattr(report.importlib.util, "find_spec", lambda name: None)
+    assert any("PyTorch is not installed" in n for n in report.peer_notes(rows))

@@ -22,7 +22,9 @@ How the numbers are taken:
 - thread pools of other libraries keep spinning for a while after a call and slow the next
   library down many times over, so the runner pauses (``--pause``, 0.3 s) between two methods,
   and PyTorch runs in a separate worker process (``python -m fastconv.bench.worker``) that
-  draws the same inputs from the same seeds.
+  draws the same inputs from the same seeds;
+- PyTorch's backward is ``torch.ops.aten.convolution_backward`` (its backward kernels alone),
+  not autograd, which would also re-run the forward.
 
 The rooms: `suite` (the shapes, problems, references and peer calls), `timing`, `worker` (the
 PyTorch process), `runner` (what to time and the run), `report` (tables, chart, saved runs),

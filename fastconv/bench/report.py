@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import math
 import shlex
@@ -56,8 +57,11 @@ def peer_notes(results):
     cpu = [r for r in results if r.device == "cpu" and r.kind != "peer" and r.time]
     if cpu and not any(r.method == "torch" and r.time for r in results):
         why = next((r.note for r in results if r.method == "torch" and r.note), None)
-        notes.append("no 'vs torch' on the CPU: " + (why or "PyTorch is not installed "
-                                                     "(pip install torch adds it as a peer)"))
+        if why is None:
+            why = ("PyTorch was not timed (--no-peers or --methods)"
+                   if importlib.util.find_spec("torch") is not None else
+                   "PyTorch is not installed (pip install torch adds it as a peer)")
+        notes.append("no 'vs torch' on the CPU: " + why)
     if cpu and not any(r.method == "numpy" and r.time for r in results):
         notes.append("no 'vs numpy': the NumPy reference was not timed (--no-peers or "
                      "--methods)")
