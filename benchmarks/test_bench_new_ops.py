@@ -8,31 +8,10 @@ import pytest
 from benchsuite import cases, run
 
 
-@pytest.mark.parametrize("shape,dtype,entry", cases("gap-fwd"))
-def test_global_avg_pool_forward(benchmark, shape, dtype, entry):
-    run(benchmark, "gap-fwd", shape, dtype, entry)
+OPS = ("gap-fwd", "gap-bwd", "convT-fwd", "convT-bwd", "conv-fwd-nhwc", "conv-bwd-nhwc")
 
 
-@pytest.mark.parametrize("shape,dtype,entry", cases("gap-bwd"))
-def test_global_avg_pool_backward(benchmark, shape, dtype, entry):
-    run(benchmark, "gap-bwd", shape, dtype, entry)
-
-
-@pytest.mark.parametrize("shape,dtype,entry", cases("convT-fwd"))
-def test_conv_transpose2d_forward(benchmark, shape, dtype, entry):
-    run(benchmark, "convT-fwd", shape, dtype, entry)
-
-
-@pytest.mark.parametrize("shape,dtype,entry", cases("convT-bwd"))
-def test_conv_transpose2d_backward(benchmark, shape, dtype, entry):
-    run(benchmark, "convT-bwd", shape, dtype, entry)
-
-
-@pytest.mark.parametrize("shape,dtype,entry", cases("conv-fwd-nhwc"))
-def test_conv2d_forward_nhwc(benchmark, shape, dtype, entry):
-    run(benchmark, "conv-fwd-nhwc", shape, dtype, entry)
-
-
-@pytest.mark.parametrize("shape,dtype,entry", cases("conv-bwd-nhwc"))
-def test_conv2d_backward_nhwc(benchmark, shape, dtype, entry):
-    run(benchmark, "conv-bwd-nhwc", shape, dtype, entry)
+@pytest.mark.parametrize("op,shape,dtype,entry", [
+    pytest.param(op, *p.values, marks=p.marks, id=f"{op}-{p.id}") for op in OPS for p in cases(op)])
+def test_new_ops(benchmark, op, shape, dtype, entry):
+    run(benchmark, op, shape, dtype, entry)

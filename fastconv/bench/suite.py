@@ -22,8 +22,17 @@ __all__ = ["ConvShape", "PoolShape", "BoxShape", "TransposeShape", "CONV_SHAPES"
 # the shape suite (DESIGN.md section 4)
 
 
+class _Shape:
+    name: str
+
+    @property
+    def held_out(self):
+        """Kept out of the policy table (see HELDOUT_SHAPES): named "held-..."."""
+        return self.name.startswith("held-")
+
+
 @dataclass(frozen=True)
-class ConvShape:
+class ConvShape(_Shape):
     name: str
     n: int
     c: int
@@ -36,11 +45,6 @@ class ConvShape:
     hidden: bool = False  # not part of the suite: tiny shapes for tests
 
     kind = "conv"
-
-    @property
-    def held_out(self):
-        """Kept out of the policy table (see HELDOUT_SHAPES)."""
-        return self.name.startswith("held-")
 
     @property
     def x_shape(self):
@@ -60,7 +64,7 @@ class ConvShape:
 
 
 @dataclass(frozen=True)
-class PoolShape:
+class PoolShape(_Shape):
     name: str
     x_shape: tuple
     kernel: int
@@ -68,10 +72,6 @@ class PoolShape:
     hidden: bool = False
 
     kind = "pool"
-
-    @property
-    def held_out(self):
-        return self.name.startswith("held-")
 
     @property
     def conf(self):
@@ -82,7 +82,7 @@ class PoolShape:
 
 
 @dataclass(frozen=True)
-class BoxShape:
+class BoxShape(_Shape):
     """Global (adaptive) average pooling of ``x_shape`` to ``output_size``."""
 
     name: str
@@ -93,10 +93,6 @@ class BoxShape:
     kind = "box"
 
     @property
-    def held_out(self):
-        return self.name.startswith("held-")
-
-    @property
     def conf(self):
         return dict(output_size=self.output_size)
 
@@ -105,28 +101,10 @@ class BoxShape:
 
 
 @dataclass(frozen=True)
-class TransposeShape:
-    """A transposed convolution: x (n, c, hw, hw), w (c, k, r, r)."""
-
-    name: str
-    n: int
-    c: int
-    hw: int
-    k: int
-    r: int
-    stride: int = 1
-    pad: int = 0
-    hidden: bool = False
+class TransposeShape(ConvShape):
+    """A transposed convolution: x (n, c, hw, hw), w (c, k, r, r) (one group)."""
 
     kind = "transpose"
-
-    @property
-    def held_out(self):
-        return self.name.startswith("held-")
-
-    @property
-    def x_shape(self):
-        return (self.n, self.c, self.hw, self.hw)
 
     @property
     def w_shape(self):

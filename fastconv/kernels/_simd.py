@@ -60,6 +60,25 @@ def _float_arrays(*arrays):
             and arrays[0].dtype in (types.float32, types.float64))
 
 
+class _Args:
+    """An intrinsic's arguments in its codegen: integers as intp, arrays' data pointers, and an
+    entry of an index table."""
+
+    def __init__(self, context, builder, sig, args):
+        self.context, self.builder, self.types, self.args = context, builder, sig.args, args
+
+    def index(self, i):
+        return self.context.cast(self.builder, self.args[i], self.types[i], types.intp)
+
+    def data(self, i):
+        return self.context.make_array(self.types[i])(self.context, self.builder,
+                                                      self.args[i]).data
+
+    def entry(self, i, r):
+        value = self.builder.load(self.builder.gep(self.data(i), [r]))
+        return self.context.cast(self.builder, value, self.types[i].dtype, types.intp)
+
+
 @intrinsic
 def tile4(typingctx, src, t0, t1, t2, t3, off, r0, r1, w, wb, wstride, out, q0, q1, q2, q3):
     """For pixels u = 0..3 and lanes l < LANES[dtype]:
@@ -75,30 +94,19 @@ def tile4(typingctx, src, t0, t1, t2, t3, off, r0, r1, w, wb, wstride, out, q0, 
     sig = types.none(src, t0, t1, t2, t3, off, r0, r1, w, wb, wstride, out, q0, q1, q2, q3)
 
     def codegen(context, builder, sig, args):
-        ty = sig.args
-
-        def index(i):
-            return context.cast(builder, args[i], ty[i], types.intp)
-
-        def data(i):
-            return context.make_array(ty[i])(context, builder, args[i]).data
-
-        src_p, off_p, w_p, out_p = data(0), data(5), data(8), data(11)
-        ts = [index(i) for i in (1, 2, 3, 4)]
-        wb, ws = index(9), index(10)
-
-        def offset(r):
-            return context.cast(builder, builder.load(builder.gep(off_p, [r])), ty[5].dtype,
-                                types.intp)
+        a = _Args(context, builder, sig, args)
+        src_p, w_p = a.data(0), a.data(8)
+        ts = [a.index(i) for i in (1, 2, 3, 4)]
+        wb, ws = a.index(9), a.index(10)
 
         def scalar_at(r, u):
-            return builder.gep(src_p, [builder.add(ts[u], offset(r))])
+            return builder.gep(src_p, [builder.add(ts[u], a.entry(5, r))])
 
         def vector_at(r):
             return builder.gep(w_p, [builder.add(wb, builder.mul(r, ws))])
 
         _tile_codegen(context, builder, lanes, src_p.type.pointee, scalar_at, vector_at,
-                      index(6), index(7), out_p, [index(i) for i in (12, 13, 14, 15)])
+                      a.index(6), a.index(7), a.data(11), [a.index(i) for i in (12, 13, 14, 15)])
         return context.get_dummy_value()
 
     return sig, codegen
@@ -115,28 +123,19 @@ def tile4t(typingctx, w, s0, s1, s2, s3, sstride, src, vb, off, r0, r1, out, q0,
     sig = types.none(w, s0, s1, s2, s3, sstride, src, vb, off, r0, r1, out, q0, q1, q2, q3)
 
     def codegen(context, builder, sig, args):
-        ty = sig.args
-
-        def index(i):
-            return context.cast(builder, args[i], ty[i], types.intp)
-
-        def data(i):
-            return context.make_array(ty[i])(context, builder, args[i]).data
-
-        w_p, src_p, off_p, out_p = data(0), data(6), data(8), data(11)
-        ss = [index(i) for i in (1, 2, 3, 4)]
-        st, vb = index(5), index(7)
+        a = _Args(context, builder, sig, args)
+        w_p, src_p = a.data(0), a.data(6)
+        ss = [a.index(i) for i in (1, 2, 3, 4)]
+        st, vb = a.index(5), a.index(7)
 
         def scalar_at(r, u):
             return builder.gep(w_p, [builder.add(ss[u], builder.mul(r, st))])
 
         def vector_at(r):
-            off = context.cast(builder, builder.load(builder.gep(off_p, [r])), ty[8].dtype,
-                               types.intp)
-            return builder.gep(src_p, [builder.add(vb, off)])
+            return builder.gep(src_p, [builder.add(vb, a.entry(8, r))])
 
         _tile_codegen(context, builder, lanes, src_p.type.pointee, scalar_at, vector_at,
-                      index(9), index(10), out_p, [index(i) for i in (12, 13, 14, 15)])
+                      a.index(9), a.index(10), a.data(11), [a.index(i) for i in (12, 13, 14, 15)])
         return context.get_dummy_value()
 
     return sig, codegen
