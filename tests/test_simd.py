@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from fastconv.kernels._simd import LANES, tile4
+from fastconv.kernels._simd import lanes, tile4
 
 
 @njit
@@ -18,20 +18,20 @@ def _call(src, ts, off, r0, r1, w, wb, ws, out, qs):
 @pytest.mark.parametrize("r0,r1", [(0, 7), (2, 5), (3, 3)])
 def test_tile4_matches_numpy(dtype, r0, r1):
     rng = np.random.default_rng(r1)
-    lanes = LANES[np.dtype(dtype).name]
+    nl = lanes(np.dtype(dtype))
     src = rng.standard_normal(300).astype(dtype)
     off = rng.integers(0, 200, 7).astype(np.uint64)
-    ts, qs = np.array([1, 13, 40, 77]), np.array([3, 3 + lanes + 5, 90, 150])
-    wb, ws = 5, lanes + 3
-    w = rng.standard_normal(wb + 7 * ws + lanes).astype(dtype)
+    ts, qs = np.array([1, 13, 40, 77]), np.array([3, 3 + nl + 5, 90, 150])
+    wb, ws = 5, nl + 3
+    w = rng.standard_normal(wb + 7 * ws + nl).astype(dtype)
     out = rng.standard_normal(200).astype(dtype)
     want = out.copy()
     for t, q in zip(ts, qs):
         for r in range(r0, r1):
-            want[q:q + lanes] += src[t + int(off[r])] * w[wb + r * ws:wb + r * ws + lanes]
+            want[q:q + nl] += src[t + int(off[r])] * w[wb + r * ws:wb + r * ws + nl]
     untouched = np.ones(200, bool)
     for q in qs:
-        untouched[q:q + lanes] = False
+        untouched[q:q + nl] = False
     before = out.copy()
     _call(src, ts, off, r0, r1, w, wb, ws, out, qs)
     np.testing.assert_allclose(out, want, rtol=1e-5 if dtype == np.float32 else 1e-13,

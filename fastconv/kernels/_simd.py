@@ -19,12 +19,18 @@ from __future__ import annotations
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, register_jitable
 
-__all__ = ["LANES", "tile4", "tile4t"]
+__all__ = ["VECTOR_BYTES", "lanes", "tile4", "tile4t"]
 
-#: Lanes of one accumulator vector: 64 bytes of the dtype.
-LANES = {"float32": 16, "float64": 8}
+VECTOR_BYTES = 64  # one accumulator vector
+
+
+@register_jitable
+def lanes(a):
+    """Elements of ``a``'s dtype in one accumulator vector (``a``: an array, in jitted code or
+    not, or a NumPy dtype)."""
+    return VECTOR_BYTES // a.itemsize
 
 
 def _tile_codegen(context, builder, lanes, elem_ty, scalar_at, vector_at, lo, hi, out_p, qs):
@@ -36,7 +42,7 @@ def _tile_codegen(context, builder, lanes, elem_ty, scalar_at, vector_at, lo, hi
     size = context.get_abi_sizeof(elem_ty)
     zeros = ir.Constant(vty, [ir.Constant(elem_ty, 0.0)] * lanes)
     splat_mask = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
-    suffix = f"v{lanes}f{32 if lanes == 16 else 64}"
+    suffix = f"v{lanes}f{VECTOR_BYTES * 8 // lanes}"
     fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
                                          f"llvm.fma.{suffix}")
     accs = [cgutils.alloca_once_value(builder, zeros) for _ in range(4)]
@@ -81,7 +87,7 @@ class _Args:
 
 @intrinsic
 def tile4(typingctx, src, t0, t1, t2, t3, off, r0, r1, w, wb, wstride, out, q0, q1, q2, q3):
-    """For pixels u = 0..3 and lanes l < LANES[dtype]:
+    """For pixels u = 0..3 and lanes l < lanes(src):
     ``out[q_u + l] += sum over r in [r0, r1) of src[t_u + off[r]] * w[wb + r*wstride + l]``
     (channels-last: a vector of output channels per pixel).
 
@@ -90,7 +96,7 @@ def tile4(typingctx, src, t0, t1, t2, t3, off, r0, r1, w, wb, wstride, out, q0, 
     """
     if not _float_arrays(src, w, out):
         return None
-    lanes = 16 if src.dtype == types.float32 else 8
+    n_lanes = VECTOR_BYTES * 8 // src.dtype.bitwidth
     sig = types.none(src, t0, t1, t2, t3, off, r0, r1, w, wb, wstride, out, q0, q1, q2, q3)
 
     def codegen(context, builder, sig, args):
@@ -105,7 +111,7 @@ def tile4(typingctx, src, t0, t1, t2, t3, off, r0, r1, w, wb, wstride, out, q0, 
         def vector_at(r):
             return builder.gep(w_p, [builder.add(wb, builder.mul(r, ws))])
 
-        _tile_codegen(context, builder, lanes, src_p.type.pointee, scalar_at, vector_at,
+        _tile_codegen(context, builder, n_lanes, src_p.type.pointee, scalar_at, vector_at,
                       a.index(6), a.index(7), a.data(11), [a.index(i) for i in (12, 13, 14, 15)])
         return context.get_dummy_value()
 
@@ -114,12 +120,12 @@ def tile4(typingctx, src, t0, t1, t2, t3, off, r0, r1, w, wb, wstride, out, q0, 
 
 @intrinsic
 def tile4t(typingctx, w, s0, s1, s2, s3, sstride, src, vb, off, r0, r1, out, q0, q1, q2, q3):
-    """For output channels u = 0..3 and lanes l < LANES[dtype]:
+    """For output channels u = 0..3 and lanes l < lanes(src):
     ``out[q_u + l] += sum over r in [r0, r1) of w[s_u + r*sstride] * src[vb + off[r] + l]``
     (NCHW: a vector of pixels per output channel), held in registers as `tile4`."""
     if not _float_arrays(w, src, out):
         return None
-    lanes = 16 if src.dtype == types.float32 else 8
+    n_lanes = VECTOR_BYTES * 8 // src.dtype.bitwidth
     sig = types.none(w, s0, s1, s2, s3, sstride, src, vb, off, r0, r1, out, q0, q1, q2, q3)
 
     def codegen(context, builder, sig, args):
@@ -134,7 +140,7 @@ def tile4t(typingctx, w, s0, s1, s2, s3, sstride, src, vb, off, r0, r1, out, q0,
         def vector_at(r):
             return builder.gep(src_p, [builder.add(vb, a.entry(8, r))])
 
-        _tile_codegen(context, builder, lanes, src_p.type.pointee, scalar_at, vector_at,
+        _tile_codegen(context, builder, n_lanes, src_p.type.pointee, scalar_at, vector_at,
                       a.index(9), a.index(10), a.data(11), [a.index(i) for i in (12, 13, 14, 15)])
         return context.get_dummy_value()
 

@@ -46,7 +46,7 @@ from numba import njit, uint64
 
 from . import NUMBA_CACHE, _parallel, direct_nhwc
 from ._numba import cdiv, claim, wide
-from ._simd import tile4t
+from ._simd import lanes, tile4t
 
 __all__ = ["unsupported", "conv2d_forward", "conv2d_backward"]
 
@@ -337,11 +337,11 @@ def _correlate_item(item, src, offs, wpk, blocks, bias, has_bias, out, gw, nvr, 
         if nv == 1:
             _mk1(img, offs[grp], wpk[blk], acc, t0, m)
         else:  # 4 channels x a vector of positions in registers over all taps, then the tail
-            lanes = 16 if acc.itemsize == 4 else 8
-            tv = m // lanes * lanes
-            taps, wts, accf, aw = offs[grp].reshape(-1), wpk[blk].reshape(-1), acc.reshape(-1), \
-                acc.shape[1]
-            for t in range(0, tv, lanes):
+            nl = lanes(acc)
+            tv = m // nl * nl
+            taps, wts = offs[grp].reshape(-1), wpk[blk].reshape(-1)
+            accf, aw = acc.reshape(-1), acc.shape[1]
+            for t in range(0, tv, nl):
                 tile4t(wts, 0, 1, 2, 3, KB, img, t0 + t, taps, 0, taps.size, accf, t, aw + t,
                        2 * aw + t, 3 * aw + t)
             if tv < m:

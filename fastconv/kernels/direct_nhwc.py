@@ -47,7 +47,7 @@ from numba import njit, uint64
 
 from . import NUMBA_CACHE, _parallel
 from ._numba import cdiv, claim, wide
-from ._simd import LANES, tile4
+from ._simd import lanes, tile4
 
 __all__ = ["conv2d_forward", "conv2d_backward"]
 
@@ -181,7 +181,7 @@ def _gw1(x, xb0, off, r0, r1, g, g0, dw, d0, dstride, kc):
 
 
 @njit(cache=NUMBA_CACHE, nogil=True)
-def _correlate_part(src, off, w, bias, out, geom, lanes, counter):
+def _correlate_part(src, off, w, bias, out, geom, counter):
     """Rows of out: out[n, orow(u), ocol(v), koff + kk] = bias + sum_r src[...] * w[r, ...].
 
     geom: images, source (rows, cols, channels, row step, col step, channels per group), output
@@ -194,6 +194,7 @@ def _correlate_part(src, off, w, bias, out, geom, lanes, counter):
     n_kb = cdiv(kg, KC)
     n_items = n_img * nu * groups * n_kb
     sstep, ostep = scs * cs, ocs * ko
+    nl = lanes(out)
     item = claim(counter)
     while item < n_items:
         kb = item % n_kb
@@ -213,11 +214,11 @@ def _correlate_part(src, off, w, bias, out, geom, lanes, counter):
         while v + 4 <= nv:
             s0, o0 = s + v * sstep, o + v * ostep
             k0 = 0
-            while k0 + lanes <= kc:  # 4 pixels x one vector of channels, in registers
+            while k0 + nl <= kc:  # 4 pixels x one vector of channels, in registers
                 tile4(src, s0, s0 + sstep, s0 + 2 * sstep, s0 + 3 * sstep, off, 0, red, w,
                       koff + k0, ko, out, o0 + k0, o0 + ostep + k0, o0 + 2 * ostep + k0,
                       o0 + 3 * ostep + k0)
-                k0 += lanes
+                k0 += nl
             if k0 < kc:
                 _row4(src, s0, sstep, off, 0, red, w, koff + k0, ko, out, o0 + k0, ostep,
                       kc - k0)
@@ -310,7 +311,7 @@ def _gw_scalar(x, off, r0, r1, g, dw, koff, kc, gc, k, pix, p0, p1):
 
 
 @njit(cache=NUMBA_CACHE, nogil=True)
-def _grad_weight_part(x, off, g, dw, pix, geom, lanes, counter):
+def _grad_weight_part(x, off, g, dw, pix, geom, counter):
     """Blocks of dw (red, K): dw[r, koff + kk] = sum over pixels p of x[pix[p] + off[r]] *
     g[p, koff + kk] (``pix``: each grad-output pixel's first input element). geom: groups,
     channels per group in and out, reduction length. Items are (group, block of RED_BLOCK
@@ -320,6 +321,7 @@ def _grad_weight_part(x, off, g, dw, pix, geom, lanes, counter):
     groups, cg, kg, red = geom
     k = groups * kg
     n_pix = pix.size
+    nl = lanes(dw)
     n_kb, n_rb = cdiv(kg, KC), cdiv(red, RED_BLOCK)
     n_items = groups * n_rb * n_kb
     item = claim(counter)
@@ -330,7 +332,7 @@ def _grad_weight_part(x, off, g, dw, pix, geom, lanes, counter):
         grp = rest // n_rb
         koff = grp * kg + kb * KC
         kc = min(KC, kg - kb * KC)
-        kv = kc - kc % lanes  # channels the vector tiles take
+        kv = kc - kc % nl  # channels the vector tiles take
         gc = grp * cg
         r0, r1 = rb * RED_BLOCK, min(red, (rb + 1) * RED_BLOCK)
         rv = r0 + (r1 - r0) // 4 * 4 if kv > 0 else r0  # entries the vector tiles take
@@ -342,7 +344,7 @@ def _grad_weight_part(x, off, g, dw, pix, geom, lanes, counter):
             for r in range(r0, rv, 4):
                 f0, f1 = np.int64(off[r]) + gc, np.int64(off[r + 1]) + gc
                 f2, f3 = np.int64(off[r + 2]) + gc, np.int64(off[r + 3]) + gc
-                for k0 in range(0, kv, lanes):
+                for k0 in range(0, kv, nl):
                     d = koff + k0
                     tile4(x, f0, f1, f2, f3, pix, p0, p1, g, d, k, dw, r * k + d,
                           (r + 1) * k + d, (r + 2) * k + d, (r + 3) * k + d)
@@ -383,7 +385,7 @@ def _run_correlation(src, off, w, bias, out, geom, work_ns, depthwise):
     if depthwise:
         _parallel.run(_depthwise_part, (src, off, w, bias, out, geom), n_img * nu, work_ns)
     else:
-        _parallel.run(_correlate_part, (src, off, w, bias, out, geom, LANES[str(out.dtype)]),
+        _parallel.run(_correlate_part, (src, off, w, bias, out, geom),
                       n_img * nu * groups * cdiv(kg, KC), work_ns)
 
 
@@ -493,7 +495,7 @@ def _grad_weight(g, x, spec):
             + np.arange(ow)[None, None, :] * sw) * c).astype(np.int64).reshape(-1)
     n_items = spec.groups * cdiv(len(off), RED_BLOCK) * cdiv(k // spec.groups, KC)
     _parallel.run(_grad_weight_part, (src.reshape(-1), off, g.reshape(-1), dwt.reshape(-1),
-                                      pix, geom, LANES[spec.dtype]), n_items,
+                                      pix, geom), n_items,
                   _parallel.conv_work_ns(spec))
     return dwt.reshape(r, s, cg, k)
 
@@ -512,7 +514,7 @@ def _grad_input_nchw(g, w, spec):
 
 
 def conv2d_backward(g, x, w, spec, need_input, need_weight, need_bias):
-    if need_input and spec.w_shape[1] < LANES[spec.dtype] and not _depthwise(spec):
+    if need_input and spec.w_shape[1] < lanes(np.dtype(spec.dtype)) and not _depthwise(spec):
         dx = _grad_input_nchw(g, w, spec)
     else:
         dx = _grad_input(g, w, spec) if need_input else None
