@@ -28,8 +28,9 @@ outside it), correlated with the weights rotated by 180 degrees and with their t
 swapped. Grad-weight and grad-bias come from the im2col kernels (a Winograd grad-weight
 transforms grad-output tiles as well and does not beat their GEMMs at these sizes).
 
-Accuracy: the transforms have coefficients up to 8 and 1/24, so float32 results carry a few
-times im2col's rounding error (see the README); float64 results are within 1e-13 relative.
+Accuracy: the transforms have coefficients up to 8 and 1/24, so float32 results carry 10 to 40
+times im2col's rounding error (measured on the suite, see the README); float64 results are
+within 1e-13 relative.
 
 Every block writes its own output tiles, with sums in a fixed order: results are bit-identical
 run after run and do not depend on the thread count.
@@ -52,7 +53,6 @@ _GG = np.kron(_G, _G)  # (36, 9): row 6*a + b, column 3*r + s
 #: Tiles per block (the N of the block's 36 GEMMs): measured on vgg-256, single-threaded BLAS
 #: runs 256x256 by 256xN products at 29 GFLOP/s for N = 28 and 60 for N = 128.
 BLOCK_TILES = 128
-
 
 
 def unsupported(spec):
@@ -123,7 +123,7 @@ def _correlate(x, u, b, out, top, left, tiles_w, tiles_h, rows_per_block, counte
     tp = tiles_w + 1  # columns of a phase
     v = np.empty((36, n_c, block), dtype=x.dtype)
     m = np.empty((36, n_k, block), dtype=x.dtype)
-    band = np.zeros((6, 4, tp), dtype=x.dtype)
+    band = np.empty((6, 4, tp), dtype=x.dtype)  # every entry written before it is read
     t = np.empty((6, 4, tp), dtype=x.dtype)
     o = np.empty((4, 6, tiles_w), dtype=x.dtype)
     yp = np.empty((4, tiles_w), dtype=x.dtype)
@@ -226,15 +226,20 @@ def _correlate(x, u, b, out, top, left, tiles_w, tiles_h, rows_per_block, counte
                             dst[4 * tw + r] = yr[tw]
 
 
+def _work_ns(spec):
+    """The hand-off's estimate: a quarter of a direct pass (36 multiply-adds per channel pair
+    and 4x4 tile instead of 144)."""
+    return _parallel.conv_work_ns(spec, 36 / 144)
+
+
 def plan(n_rows, tiles_w, threads):
     """Tile rows per block: about `BLOCK_TILES` tiles (the GEMMs' N dimension: smaller blocks
     run BLAS below its speed), but at least two blocks per thread where the problem has them."""
     rows = max(1, BLOCK_TILES // tiles_w)
-    rows = min(rows, max(1, -(-n_rows // (2 * threads))))
-    return int(rows)
+    return min(rows, max(1, -(-n_rows // (2 * threads))))
 
 
-def _run(x, w, b, out, top, left):
+def _run(x, w, b, out, top, left, work_ns):
     """``out`` = the 3x3 correlation of x (read from row ``top``, column ``left``) with w."""
     from .im2col import serial_blas
 
@@ -243,10 +248,9 @@ def _run(x, w, b, out, top, left):
     rows = plan(n * tiles_h, tiles_w, _parallel.count)
     n_blocks = -(-n * tiles_h // rows)
     bias = b if b is not None else np.zeros(k, dtype=x.dtype)
-    work = int(36 * 2 * k * x.shape[1] * n * tiles_h * tiles_w / 25)  # ns at ~25 GFLOP/s
     args = (x, transform_weight(w), bias, out, top, left, tiles_w, tiles_h, rows)
     with serial_blas():
-        _parallel.run(_correlate, args, n_blocks, work)
+        _parallel.run(_correlate, args, n_blocks, work_ns)
     return out
 
 
@@ -254,7 +258,7 @@ def conv2d_forward(x, w, b, spec):
     """conv2d by Winograd F(4x4, 3x3) (see the module docstring)."""
     (pt, _), (pl, _) = spec.padding
     out = np.empty(spec.out_shape, dtype=spec.dtype)
-    return _run(x, w, b, out, -pt, -pl)
+    return _run(x, w, b, out, -pt, -pl, _work_ns(spec))
 
 
 def conv2d_backward(g, x, w, spec, need_input, need_weight, need_bias):
@@ -265,7 +269,8 @@ def conv2d_backward(g, x, w, spec, need_input, need_weight, need_bias):
     if need_input:
         (pt, _), (pl, _) = spec.padding
         rotated = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
-        dx = _run(g, rotated, None, np.empty(spec.x_shape, dtype=spec.dtype), pt - 2, pl - 2)
+        dx = _run(g, rotated, None, np.empty(spec.x_shape, dtype=spec.dtype), pt - 2, pl - 2,
+                  _work_ns(spec))
     if need_weight or need_bias:
         _, dw, db = im2col.conv2d_backward(g, x, w, spec, False, need_weight, need_bias)
     return dx, dw, db
