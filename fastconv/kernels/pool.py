@@ -269,14 +269,6 @@ def _add_row(acc, src, base, n):
         acc[q] += src[b + q]
 
 
-@njit(cache=NUMBA_CACHE, nogil=True, fastmath=_SUMS)
-def _sum_range(a, lo, hi):
-    total = 0.0
-    for q in range(uint64(lo), uint64(hi)):
-        total += a[q]
-    return total
-
-
 @njit(cache=NUMBA_CACHE, nogil=True)
 def _box_row(xf, pb, of, rb, n, rstep, o0, size, step, div):
     """n size x size windows lying fully inside, stride step along the row, each sum divided
@@ -399,7 +391,7 @@ def _box_forward_nchw(x, out, rows, cols, inner, div, counter):
             for r in range(rows[i, 0], rows[i, 1]):
                 _add_row(acc, xf, base + r * w, w)
             for j in range(ow):
-                tot[j] = _sum_range(acc, cols[j, 0], cols[j, 1])
+                tot[j] = _sum_flat(acc, cols[j, 0], cols[j, 1] - cols[j, 0])
             _divide_row(of, o, tot, float(rows[i, 2]), col_div, ow)
         nc = claim(counter)
 
@@ -461,21 +453,18 @@ def _box_backward_nchw(g, dx, rows, cols, row_users, disjoint, inner, counter):
     nc = claim(counter)
     while nc < n_planes:
         base = nc * h * w
-        if full_rows:  # each window is a run of whole rows: one fill each
+        if disjoint:  # rows in no window get zeros; the others are written once below
             for r in range(h):
                 if row_users[r, 1] == row_users[r, 0]:
                     _fill_flat(df, base + r * w, w, 0.0)
+        if full_rows:  # each window is a run of whole rows: one fill each
             for i in range(oh):
                 r0, r1 = rows[i, 0], rows[i, 1]
                 _fill_flat(df, base + r0 * w, (r1 - r0) * w,
                            gf[nc * oh + i] / (rows[i, 2] * col_div[0]))
             nc = claim(counter)
             continue
-        if disjoint:  # rows in no window get zeros; the others are written once below
-            for r in range(h):
-                if row_users[r, 1] == row_users[r, 0]:
-                    df[base + r * w:base + (r + 1) * w] = 0.0
-        else:
+        if not disjoint:
             plane[:] = 0.0
         for i in range(oh):
             _spread_row(spread, gf, (nc * oh + i) * ow, rows, cols, col_div, i, inner)
