@@ -25,6 +25,11 @@ POOL_CASES = [  # (name, x shape, options, tiny enough for the simulator)
     ("1x1", (2, 2, 5, 4), dict(kernel_size=1), False),
     ("whole-plane", (2, 3, 5, 6), dict(kernel_size=(5, 6)), True),
     ("medium", (3, 17, 23, 21), dict(kernel_size=3, stride=2, padding=1), False),
+    # rows of 8 windows and more: the vector blocks, a row's last block overlapping
+    ("2x2-wide", (2, 3, 6, 38), dict(kernel_size=2), False),
+    ("2x2-s1-wide", (1, 2, 5, 21), dict(kernel_size=2, stride=1), False),
+    ("3x3-s1-wide", (1, 2, 6, 20), dict(kernel_size=3, stride=1), False),
+    ("3x3-s3-ceil-wide", (2, 2, 11, 29), dict(kernel_size=3, ceil_mode=True), False),
 ]
 
 
@@ -87,6 +92,33 @@ def test_backward_routes_and_adds(method, shape, opts, dtype):
             k = idx[:, :, i, j]
             np.add.at(want, (n, c, k // shape[3], k % shape[3]), g[:, :, i, j])
     assert got.dtype == dtype and got.shape == shape
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("method", _all_methods())
+@pytest.mark.parametrize("shape,opts", [((2, 3, 6, 38), dict(kernel_size=2)),
+                                        ((1, 2, 9, 29), dict(kernel_size=3, ceil_mode=True)),
+                                        ((1, 2, 4, 10), dict(kernel_size=2))],
+                         ids=["2x2", "3x3-ceil", "2x2-short-rows"])
+def test_backward_takes_any_positions(method, shape, opts, dtype):
+    """Indices need not come from the forward: any position in the plane gets its gradient,
+    also where the windows tile the plane (which has a write-once path for its own argmax)."""
+    if is_cuda(method):
+        shape = (1, *shape[1:])
+    rng = np.random.default_rng(5)
+    x = distinct(shape, dtype)
+    out, idx = fc.max_pool2d(x, **opts, return_indices=True, method="naive")
+    foreign = rng.random(idx.shape) < 0.1
+    idx = np.where(foreign, rng.integers(0, shape[2] * shape[3], idx.shape), idx)
+    g = rng.standard_normal(out.shape).astype(dtype)
+    got = to_host(checked(fc.max_pool2d_backward, g, idx, x.shape, **opts, method=method))
+    want = np.zeros(shape)
+    n, c = np.indices(shape[:2])
+    for i in range(out.shape[2]):
+        for j in range(out.shape[3]):
+            k = idx[:, :, i, j]
+            np.add.at(want, (n, c, k // shape[3], k % shape[3]), g[:, :, i, j])
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 

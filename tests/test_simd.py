@@ -1,11 +1,13 @@
 """The register-tile micro-kernel (fastconv.kernels._simd.tile4) against NumPy, in both dtypes,
-on unaligned bases, odd strides and offset tables, and an empty reduction."""
+on unaligned bases, odd strides and offset tables, and an empty reduction; the max-pool block
+(max_block) against a scalar loop, with NaNs and ties; its backward (unpool_block) against
+NumPy, with a NaN gradient and indices outside their windows."""
 
 import numpy as np
 import pytest
-from numba import njit
+from numba import literally, njit
 
-from fastconv.kernels._simd import lanes, tile4
+from fastconv.kernels._simd import POOL_LANES, lanes, max_block, tile4, unpool_block
 
 
 @njit
@@ -37,3 +39,69 @@ def test_tile4_matches_numpy(dtype, r0, r1):
     np.testing.assert_allclose(out, want, rtol=1e-5 if dtype == np.float32 else 1e-13,
                                atol=1e-5 if dtype == np.float32 else 1e-13)
     np.testing.assert_array_equal(out[untouched], before[untouched])
+
+
+@njit
+def _max_block(xf, pb, kp, rstep, of, af, o, size, step, with_idx):
+    literally(size)
+    literally(step)
+    literally(with_idx)
+    max_block(xf, pb, kp, rstep, of, af, o, size, step, with_idx)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("size,step", [(2, 1), (2, 2), (3, 1), (3, 2)])
+@pytest.mark.parametrize("with_idx", [True, False])
+def test_max_block_matches_scalar_loop(dtype, size, step, with_idx):
+    rng = np.random.default_rng(size * 10 + step)
+    rstep, pb, kp, o = 37, 3, 5, 4
+    x = rng.standard_normal(pb + kp + rstep * size + 2 * POOL_LANES * step).astype(dtype)
+    x[rng.random(x.size) < 0.08] = np.nan
+    x[pb + kp + 1] = x[pb + kp]          # a tie: the first tap must win
+    x[pb + kp + rstep + 2] = x[pb + kp + 2]
+    of = np.full(o + POOL_LANES + 3, 7.0, dtype)
+    af = np.full(o + POOL_LANES + 3, -1, np.int64)
+    _max_block(x, pb, kp, rstep, of, af, o, size, step, with_idx)
+    for lane in range(POOL_LANES):
+        taps = [kp + lane * step + p * rstep + q for p in range(size) for q in range(size)]
+        best, arg = x[pb + taps[0]], taps[0]
+        for t in taps[1:]:
+            v = x[pb + t]
+            if v > best or (np.isnan(v) and not np.isnan(best)):
+                best, arg = v, t
+        np.testing.assert_array_equal(of[o + lane], best)
+        assert af[o + lane] == (arg if with_idx else -1)
+    assert np.all(of[:o] == 7.0) and np.all(of[o + POOL_LANES:] == 7.0)
+    assert np.all(af[:o] == -1) and np.all(af[o + POOL_LANES:] == -1)
+
+
+@njit
+def _unpool_block(gf, af, o, df, d0, kp, rstep, size):
+    literally(size)
+    return unpool_block(gf, af, o, df, d0, kp, rstep, size)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("size", [2, 3])
+@pytest.mark.parametrize("stray", [False, True])
+def test_unpool_block_writes_each_tap_once(dtype, size, stray):
+    rng = np.random.default_rng(size)
+    rstep, kp, d0, o = 61, 4, 7, 3
+    g = rng.standard_normal(o + POOL_LANES + 2).astype(dtype)
+    g[o + 2] = np.nan
+    idx = np.zeros(g.size, np.int64)
+    for lane in range(POOL_LANES):
+        p, q = rng.integers(0, size, 2)
+        idx[o + lane] = kp + lane * size + p * rstep + q
+    if stray:  # in the plane, not in its window: the block must say so
+        idx[o + 5] = kp + rstep * size + 1
+    df = np.full(d0 + kp + rstep * size + POOL_LANES * size + 5, 9.0, dtype)
+    own = _unpool_block(g, idx, o, df, d0, kp, rstep, size)
+    want = np.full_like(df, 9.0)
+    for lane in range(POOL_LANES):
+        for p in range(size):
+            for q in range(size):
+                pos = kp + lane * size + p * rstep + q
+                want[d0 + pos] = g[o + lane] if idx[o + lane] == pos else 0
+    np.testing.assert_array_equal(df, want)
+    assert own is (not stray)

@@ -10,6 +10,9 @@ ymm with AVX2, four xmm with SSE2), so the same code is correct and fast on ever
 and on others; Numba's on-disk cache is keyed by the CPU, so a cache written on an AVX-512
 machine is never loaded on an AVX2 one.
 
+`max_block` is the max-pool's counterpart: eight windows' maxima and their positions, by
+vector compares and selects, where a scalar loop would branch.
+
 The same caching caveat as fastconv.kernels._numba applies: an edit here does not invalidate
 the cached kernels of the modules that use it; clear their caches after changing it.
 """
@@ -21,7 +24,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, register_jitable
 
-__all__ = ["VECTOR_BYTES", "lanes", "tile4", "tile4t"]
+__all__ = ["VECTOR_BYTES", "POOL_LANES", "lanes", "tile4", "tile4t", "max_block", "unpool_block"]
 
 VECTOR_BYTES = 64  # one accumulator vector
 
@@ -143,5 +146,176 @@ def tile4t(typingctx, w, s0, s1, s2, s3, sstride, src, vb, off, r0, r1, out, q0,
         _tile_codegen(context, builder, n_lanes, src_p.type.pointee, scalar_at, vector_at,
                       a.index(9), a.index(10), a.data(11), [a.index(i) for i in (12, 13, 14, 15)])
         return context.get_dummy_value()
+
+    return sig, codegen
+
+
+
+#: Windows per `max_block`: one ymm of float32, a ymm pair of float64 (rows of 8 to 24 windows
+#: are common in pools; a wider block would leave more of them to the scalar path).
+POOL_LANES = 8
+
+
+def _literal(t, values):
+    return isinstance(t, types.Literal) and t.literal_value in values
+
+
+@intrinsic
+def max_block(typingctx, xf, pb, kp, rstep, of, af, o, size, step, with_idx):
+    """`POOL_LANES` max-pool windows of size x size taps at once, stride ``step`` along a row:
+    tap (p, q) of window l is ``xf[pb + kp + l*step + p*rstep + q]``. ``of[o + l]`` gets the
+    window's maximum and, if ``with_idx``, ``af[o + l]`` (int64) its in-plane position ``kp +
+    l*step + p*rstep + q``; ``kp + rstep*size`` must fit in 31 bits.
+
+    The semantics of fastconv.kernels.pool: a tap replaces the running maximum when it is
+    strictly greater or when it is the first NaN, so the first maximum wins ties. Vector
+    compares and selects throughout: a scalar loop's selects are turned back into branches by
+    the x86 backend, and those mispredict on about every other tap of random data. A stride-2
+    tap is one load of 16 consecutive elements, of which the even or odd lanes are kept; the
+    load starts at the tap (q = 0) or one before it, so it never reads past the last window's
+    last tap. ``size``, ``step`` and ``with_idx`` are literals; no index is checked here.
+    """
+    if not (isinstance(xf, types.Array) and isinstance(of, types.Array)
+            and xf.dtype == of.dtype and xf.dtype in (types.float32, types.float64)
+            and isinstance(af, types.Array) and af.dtype == types.int64
+            and _literal(size, (2, 3)) and _literal(step, (1, 2))
+            and _literal(with_idx, (True, False))):
+        return None
+    n, k, st, idx = (POOL_LANES, size.literal_value, step.literal_value,
+                     with_idx.literal_value)
+    sig = types.none(xf, pb, kp, rstep, of, af, o, size, step, with_idx)
+
+    def codegen(context, builder, sig, args):
+        a = _Args(context, builder, sig, args)
+        x_p, o_p, a_p = a.data(0), a.data(4), a.data(5)
+        elem = x_p.type.pointee
+        esize = context.get_abi_sizeof(elem)
+        i32 = ir.IntType(32)
+        vty, ity = ir.VectorType(elem, n), ir.VectorType(i32, n)
+        base = builder.add(a.index(1), a.index(2))
+        kp32 = builder.trunc(a.index(2), i32)
+        rs = a.index(3)
+        lane_step = ir.Constant(ity, [st * lane for lane in range(n)])
+
+        def tap(p, q):
+            off = builder.add(base, builder.mul(rs, ir.Constant(rs.type, p)))
+            if st == 1:
+                ptr = builder.gep(x_p, [builder.add(off, ir.Constant(rs.type, q))])
+                return builder.load(builder.bitcast(ptr, vty.as_pointer()), align=esize)
+            start, first = (q, 0) if q == 0 else (q - 1, 1)
+            wty = ir.VectorType(elem, 2 * n)
+            ptr = builder.gep(x_p, [builder.add(off, ir.Constant(rs.type, start))])
+            wide_v = builder.load(builder.bitcast(ptr, wty.as_pointer()), align=esize)
+            mask = ir.Constant(ir.VectorType(i32, n), [first + 2 * lane for lane in range(n)])
+            return builder.shuffle_vector(wide_v, ir.Constant(wty, ir.Undefined), mask)
+
+        def splat_i(v):
+            vec = builder.insert_element(ir.Constant(ity, ir.Undefined), v, ir.Constant(i32, 0))
+            return builder.shuffle_vector(vec, ir.Constant(ity, ir.Undefined),
+                                          ir.Constant(ity, [0] * n))
+
+        best = tap(0, 0)
+        arg = builder.add(splat_i(kp32), lane_step)
+        rs32 = builder.trunc(rs, i32)
+        for p in range(k):
+            for q in range(k):
+                if p == 0 and q == 0:
+                    continue
+                v = tap(p, q)
+                take = builder.or_(builder.fcmp_ordered(">", v, best),
+                                   builder.and_(builder.fcmp_unordered("uno", v, v),
+                                                builder.fcmp_ordered("ord", best, best)))
+                best = builder.select(take, v, best)
+                if idx:
+                    shift = builder.add(builder.mul(rs32, ir.Constant(i32, p)),
+                                        ir.Constant(i32, q))
+                    cand = builder.add(builder.add(splat_i(kp32), lane_step), splat_i(shift))
+                    arg = builder.select(take, cand, arg)
+        out = builder.gep(o_p, [a.index(6)])
+        builder.store(best, builder.bitcast(out, vty.as_pointer()), align=esize)
+        if idx:
+            i64v = ir.VectorType(ir.IntType(64), n)
+            dst = builder.bitcast(builder.gep(a_p, [a.index(6)]), i64v.as_pointer())
+            builder.store(builder.sext(arg, i64v), dst, align=8)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def unpool_block(typingctx, gf, af, o, df, d0, kp, rstep, size):
+    """Max-pool backward for `POOL_LANES` windows that tile a row (size x size, stride size):
+    the windows' gradients ``gf[o + l]`` go to their argmax positions ``af[o + l]`` (in-plane)
+    and zeros to their other taps, writing tap (p, q) of window l at ``df[d0 + kp + l*size +
+    p*rstep + q]`` exactly once; ``kp`` is the first window's in-plane start. Returns whether
+    every index lay in its own window (if not, the caller must scatter those gradients
+    instead: an index may be any position in the plane).
+
+    Write-once, with no read of ``df``: where windows do not overlap this replaces zeroing the
+    plane and adding each gradient at its index. Vector compares and selects (bit-exact: the
+    gradient's bits, NaN included, or +0.0); a pool row of taps is one contiguous store of the
+    ``size`` tap vectors interleaved. ``size`` (2 or 3) is a literal; every index must lie in
+    range and ``af[o + l] - kp`` fit in 31 bits (nothing is checked here).
+    """
+    if not (isinstance(gf, types.Array) and isinstance(df, types.Array)
+            and gf.dtype == df.dtype and gf.dtype in (types.float32, types.float64)
+            and isinstance(af, types.Array) and af.dtype == types.int64
+            and _literal(size, (2, 3))):
+        return None
+    n, k = POOL_LANES, size.literal_value
+    sig = types.boolean(gf, af, o, df, d0, kp, rstep, size)
+
+    def codegen(context, builder, sig, args):
+        a = _Args(context, builder, sig, args)
+        g_p, a_p, d_p = a.data(0), a.data(1), a.data(3)
+        elem = g_p.type.pointee
+        esize = context.get_abi_sizeof(elem)
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        vty, ity = ir.VectorType(elem, n), ir.VectorType(i32, n)
+        o_i, kp = a.index(2), a.index(5)
+        g = builder.load(builder.bitcast(builder.gep(g_p, [o_i]), vty.as_pointer()), align=esize)
+        idx = builder.load(builder.bitcast(builder.gep(a_p, [o_i]), ir.VectorType(i64, n)
+                                           .as_pointer()), align=8)
+        kp_v = builder.insert_element(ir.Constant(ir.VectorType(i64, n), ir.Undefined),
+                                      builder.sext(kp, i64) if kp.type.width < 64 else kp,
+                                      ir.Constant(i32, 0))
+        kp_v = builder.shuffle_vector(kp_v, ir.Constant(kp_v.type, ir.Undefined),
+                                      ir.Constant(ity, [0] * n))
+        rel = builder.trunc(builder.sub(idx, kp_v), ity)  # position relative to the block
+        rs32 = builder.trunc(a.index(6), i32)
+        zeros = ir.Constant(vty, [ir.Constant(elem, 0.0)] * n)
+        base = builder.add(a.index(4), kp)
+        hit = ir.Constant(ir.VectorType(ir.IntType(1), n), [0] * n)
+        for p in range(k):
+            row_off = builder.mul(rs32, ir.Constant(i32, p))
+            taps = []
+            for q in range(k):
+                cand = ir.Constant(ity, [k * lane + q for lane in range(n)])
+                cand = builder.add(cand, builder.shuffle_vector(
+                    builder.insert_element(ir.Constant(ity, ir.Undefined), row_off,
+                                           ir.Constant(i32, 0)),
+                    ir.Constant(ity, ir.Undefined), ir.Constant(ity, [0] * n)))
+                eq = builder.icmp_signed("==", rel, cand)
+                hit = builder.or_(hit, eq)
+                taps.append(builder.select(eq, g, zeros))
+            if k == 2:
+                row = builder.shuffle_vector(taps[0], taps[1], ir.Constant(
+                    ir.VectorType(i32, 2 * n), [q * n + lane for lane in range(n)
+                                                for q in range(2)]))
+            else:
+                both = builder.shuffle_vector(taps[0], taps[1],
+                                              ir.Constant(ir.VectorType(i32, 2 * n),
+                                                          list(range(2 * n))))
+                third = builder.shuffle_vector(taps[2], ir.Constant(vty, ir.Undefined),
+                                               ir.Constant(ir.VectorType(i32, 2 * n),
+                                                           list(range(n)) + [0] * n))
+                row = builder.shuffle_vector(both, third, ir.Constant(
+                    ir.VectorType(i32, 3 * n), [q * n + lane for lane in range(n)
+                                                for q in range(3)]))
+            dst = builder.gep(d_p, [builder.add(base, builder.mul(a.index(6), ir.Constant(
+                base.type, p)))])
+            builder.store(row, builder.bitcast(dst, row.type.as_pointer()), align=esize)
+        bits = builder.bitcast(hit, ir.IntType(n))
+        return builder.icmp_unsigned("==", bits, ir.Constant(ir.IntType(n), (1 << n) - 1))
 
     return sig, codegen

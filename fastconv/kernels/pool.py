@@ -3,22 +3,25 @@
 Inputs are already validated and converted (see fastconv._validate): C-contiguous arrays of
 ``spec.dtype``. Kernels never look at user input beyond that.
 
-Windows lying fully inside the input run in vector loops over an output row (2x2 and 3x3 by
-one row kernel compiled for each size and stride, other sizes tap by tap); windows touching the
--inf padding are clipped one by one, as in naive.py. A candidate replaces the running maximum
+Windows lying fully inside the input run in vector code: 2x2 and 3x3 windows of stride 1 or 2
+along rows eight at a time (fastconv.kernels._simd.max_block: compares and selects in vector
+registers), other sizes tap by tap over a row; windows touching the -inf padding are clipped
+one by one, as in naive.py. A candidate replaces the running maximum
 when it is strictly greater (the first maximum wins ties) or when it is the first NaN (NaN
 propagates). Indices are flat positions in the unpadded plane. Backward zeroes each grad-input
 plane and adds the output gradients at their indices, in output order, so results do not
-depend on the thread count.
+depend on the thread count; where windows tile the plane without overlapping (2x2 or 3x3 with
+their own stride) it writes each grad-input element once instead.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import int32, int64, literally, njit, uint64
+from numba import int64, literally, njit, uint64
 
 from . import NUMBA_CACHE, _parallel
 from ._numba import cdiv, claim, wide
+from ._simd import POOL_LANES, max_block, unpool_block
 from ._window import box_windows, window_max
 
 __all__ = ["max_pool2d_forward", "max_pool2d_backward", "avg_pool2d_forward",
@@ -26,88 +29,48 @@ __all__ = ["max_pool2d_forward", "max_pool2d_backward", "avg_pool2d_forward",
 
 
 @njit(cache=NUMBA_CACHE, nogil=True)
-def _pool_row(xf, pb, of, af, want_idx, rb, n, rstep, o0, size, step):
-    """n size x size windows lying fully inside, stride step along the row: tap (p, q) of
-    window j is at plane offset rb + j*step + p*rstep + q (no dilation along rows: neighbouring
-    taps form one interleaved load).
+def _pool_rows(xf, pb, of, af, want_idx, rb, drb, o0, do, rows, n, rstep, size, step):
+    """``rows`` rows of n size x size windows lying fully inside, stride step along a row: tap
+    (p, q) of window j of row r is at plane offset rb + r*drb + j*step + p*rstep + q (no
+    dilation along rows), its output at o0 + r*do + j.
 
-    size (2 or 3) and step (1 or 2) are compiled in (`literally`: one specialization each), so
-    the tap loops unroll and the j loops are branch-free and vectorize; a literal step makes the
-    loads interleaved accesses, not gathers. Values and indices go in separate loops: with
-    three arrays in one loop LLVM's alias checks keep rows shorter than ~32 on the scalar path.
-    The index stays in 32 bits in the loop (the caller checks the plane fits), so 512-bit
-    registers hold 8 lanes of it. Windows go in blocks of 8 and a last block of up to 24
-    overlaps the ones before (recomputing an output is harmless), so no scalar remainder runs.
-
-    Written so that LLVM emits the loops of the former hand-unrolled kernels (compare
-    ``inspect_asm``): it calls no other function (a call costs every row an atomic reference
-    count on each array); the part loop's trip count is not a constant (a constant one gets
-    unrolled and its copies specialised, slower on short rows); and the index is formed as
-    ``int32(kp) + int32(q)``, not from the load address (which LLVM rewrites as
-    ``k0 + (rstep + q)``: 10% slower for 2x2 stride 2). Planes fit in 31 bits, so it equals
-    ``int32(kp + q)``.
+    Blocks of `POOL_LANES` windows by the vector kernel `max_block` (size and step are
+    literals: one specialization each); a row's last block overlaps the one before it
+    (recomputing an output is harmless), so no scalar remainder runs. Rows shorter than a
+    block go window by window. One call does a whole plane: a call per row would cost each
+    row atomic reference counts on the arrays, more than a short row's windows.
     """
     literally(size)
     literally(step)
-    wide()
-    u8 = uint64(8)
-    m = n - n % u8 if n >= u8 else n
-    tail = min(n, uint64(24))  # the index loop takes its vector path from ~24 windows
-    for part in range(4 if want_idx else 2):
-        if part == 1 or part == 3:
-            if m == n:
-                continue
-            b, cnt, oo = rb + (n - tail) * uint64(step), tail, o0 + n - tail
-        else:
-            b, cnt, oo = rb, m, o0
-        if part < 2:
-            for j in range(cnt):
-                k0 = b + j * uint64(step)
+    lanes = uint64(POOL_LANES)
+    ustep = uint64(step)
+    for r in range(rows):
+        kr = rb + r * drb
+        orow = o0 + r * do
+        if n < lanes:
+            for j in range(n):
+                k0 = kr + j * ustep
                 best = xf[pb + k0]
+                arg = k0
                 for p in range(size):
-                    kp = k0 + uint64(p) * rstep
                     for q in range(size):
-                        if p == 0 and q == 0:
-                            continue
-                        v = xf[pb + kp + uint64(q)]
-                        take = (v > best) | ((v != v) & (best == best))
-                        best = v if take else best
-                of[oo + j] = best
-        else:
-            for j in range(cnt):
-                k0 = b + j * uint64(step)
-                best = xf[pb + k0]
-                arg = int32(k0)
-                for p in range(size):
-                    kp = k0 + uint64(p) * rstep
-                    for q in range(size):
-                        if p == 0 and q == 0:
-                            continue
-                        v = xf[pb + kp + uint64(q)]
-                        take = (v > best) | ((v != v) & (best == best))
-                        best = v if take else best
-                        arg = int32(kp) + int32(q) if take else arg
-                af[oo + j] = arg
-
-
-@njit(cache=NUMBA_CACHE, nogil=True)
-def _pool_row_short(xf, pb, of, af, rb, n, sw, rstep, o0, kh, kw):
-    """Windows fully inside with their indices, one at a time, for rows too short for the index
-    loops of _pool_row to take their vector path: their scalar fallback is slower still
-    (the x86 backend turns its selects back into branches)."""
-    for j in range(n):
-        k0 = rb + j * sw
-        best = xf[pb + k0]
-        arg = k0
-        for p in range(kh):
-            for q in range(kw):
-                k = k0 + uint64(p) * rstep + uint64(q)
-                v = xf[pb + k]
-                if v > best or (v != v and best == best):
-                    best = v
-                    arg = k
-        of[o0 + j] = best
-        af[o0 + j] = arg
+                        k = k0 + uint64(p) * rstep + uint64(q)
+                        v = xf[pb + k]
+                        if v > best or (v != v and best == best):
+                            best = v
+                            arg = k
+                of[orow + j] = best
+                if want_idx:
+                    af[orow + j] = arg
+            continue
+        j = uint64(0)
+        while j < n:
+            jj = min(j, n - lanes)
+            if want_idx:
+                max_block(xf, pb, kr + jj * ustep, rstep, of, af, orow + jj, size, step, True)
+            else:
+                max_block(xf, pb, kr + jj * ustep, rstep, of, af, orow + jj, size, step, False)
+            j += lanes
 
 
 @njit(cache=NUMBA_CACHE, nogil=True)
@@ -148,21 +111,24 @@ def _win_clipped(xf, pb, of, af, want_idx, o, i, j, h, w, kh, kw, sh, sw, ph, pw
 
 
 @njit(cache=NUMBA_CACHE, nogil=True)
-def _pool_forward_nchw(x, out, idx, want_idx, kh, kw, sh, sw, ph, pw, dh, dw, counter):
-    """(n, c) planes claimed from counter."""
-    nc = claim(counter)
-    while nc < x.shape[0] * x.shape[1]:
-        _pool_plane(nc, x, out, idx, want_idx, kh, kw, sh, sw, ph, pw, dh, dw)
-        nc = claim(counter)
-
-
-@njit(cache=NUMBA_CACHE, nogil=True)
-def _pool_plane(nc, x, out, idx, want_idx, kh, kw, sh, sw, ph, pw, dh, dw):
+def _pool_forward_nchw(x, out, idx, want_idx, kh, kw, sh, sw, ph, pw, dh, dw, per, counter):
+    """Blocks of ``per`` (n, c) planes claimed from counter (a claim per small plane would
+    cost more than pooling it: the threads share the counter's cache line)."""
     h, w = x.shape[2], x.shape[3]
     oh, ow = out.shape[2], out.shape[3]
     xf = x.reshape(-1)
     of = out.reshape(-1)
     af = idx.reshape(-1)
+    n_planes = x.shape[0] * x.shape[1]
+    b = claim(counter)
+    while b * per < n_planes:
+        for nc in range(b * per, min(n_planes, (b + 1) * per)):
+            _pool_plane(nc, xf, of, af, h, w, oh, ow, want_idx, kh, kw, sh, sw, ph, pw, dh, dw)
+        b = claim(counter)
+
+
+@njit(cache=NUMBA_CACHE, nogil=True)
+def _pool_plane(nc, xf, of, af, h, w, oh, ow, want_idx, kh, kw, sh, sw, ph, pw, dh, dw):
     # windows fully inside: i*sh - ph >= 0 and i*sh - ph + (kh-1)*dh <= h - 1 (likewise j)
     i_lo = min(oh, cdiv(ph, sh))
     i_hi = max(i_lo, min(oh, (h - 1 - (kh - 1) * dh + ph) // sh + 1))
@@ -176,7 +142,7 @@ def _pool_plane(nc, x, out, idx, want_idx, kh, kw, sh, sw, ph, pw, dh, dw):
     pb = uint64(nc * h * w)
     for i in range(oh):
         o = nc * oh * ow + i * ow
-        if i < i_lo or i >= i_hi:
+        if i < i_lo or i >= i_hi:  # windows touching the padding, clipped
             for j in range(ow):
                 _win_clipped(xf, pb, of, af, want_idx, o + j, i, j, h, w, kh, kw, sh, sw, ph, pw,
                              dh, dw)
@@ -187,63 +153,133 @@ def _pool_plane(nc, x, out, idx, want_idx, kh, kw, sh, sw, ph, pw, dh, dw):
         for j in range(j_hi, ow):
             _win_clipped(xf, pb, of, af, want_idx, o + j, i, j, h, w, kh, kw, sh, sw, ph, pw,
                          dh, dw)
-        if n_in == 0:
-            continue
-        rb = uint64((i * sh - ph) * w + j_lo * sw - pw)
-        o0 = uint64(o + j_lo)
-        if fused and want_idx and n_in < 24:
-            _pool_row_short(xf, pb, of, af, rb, n_in, usw, rstep, o0, kh, kw)
-        elif fused and kh == 2 and sw == 1:  # sizes and strides as literals: see _pool_row
-            _pool_row(xf, pb, of, af, want_idx, rb, n_in, rstep, o0, 2, 1)
-        elif fused and kh == 2:
-            _pool_row(xf, pb, of, af, want_idx, rb, n_in, rstep, o0, 2, 2)
-        elif fused and sw == 1:
-            _pool_row(xf, pb, of, af, want_idx, rb, n_in, rstep, o0, 3, 1)
-        elif fused:
-            _pool_row(xf, pb, of, af, want_idx, rb, n_in, rstep, o0, 3, 2)
-        else:
-            best = np.empty(n_in, dtype=x.dtype)
-            arg = np.empty(n_in, dtype=np.int64)
-            _win_any(xf, pb, of, af, want_idx, rb, n_in, usw, udw, rstep, o0, kh, kw, best, arg)
+    if n_in == 0 or i_hi == i_lo:
+        return
+    rb = uint64((i_lo * sh - ph) * w + j_lo * sw - pw)
+    o0 = uint64(nc * oh * ow + i_lo * ow + j_lo)
+    rows, drb, do = uint64(i_hi - i_lo), uint64(sh * w), uint64(ow)
+    if fused and kh == 2 and sw == 1:  # sizes and strides as literals: see _pool_rows
+        _pool_rows(xf, pb, of, af, want_idx, rb, drb, o0, do, rows, n_in, rstep, 2, 1)
+    elif fused and kh == 2:
+        _pool_rows(xf, pb, of, af, want_idx, rb, drb, o0, do, rows, n_in, rstep, 2, 2)
+    elif fused and sw == 1:
+        _pool_rows(xf, pb, of, af, want_idx, rb, drb, o0, do, rows, n_in, rstep, 3, 1)
+    elif fused:
+        _pool_rows(xf, pb, of, af, want_idx, rb, drb, o0, do, rows, n_in, rstep, 3, 2)
+    else:
+        best = np.empty(n_in, dtype=xf.dtype)
+        arg = np.empty(n_in, dtype=np.int64)
+        for r in range(rows):
+            _win_any(xf, pb, of, af, want_idx, rb + r * drb, n_in, usw, udw, rstep, o0 + r * do,
+                     kh, kw, best, arg)
 
 
 @njit(cache=NUMBA_CACHE, nogil=True)
-def _pool_backward_nchw(g, idx, dx, counter):
-    """(n, c) planes claimed from counter: zero the plane (while it is in cache), then add each
-    output gradient at its index, in output order (so overlapping windows, and any index
-    shared by several outputs, add deterministically)."""
-    nc = claim(counter)
-    while nc < g.shape[0] * g.shape[1]:
-        _pool_backward_plane(nc, g, idx, dx)
-        nc = claim(counter)
-
-
-@njit(cache=NUMBA_CACHE, nogil=True)
-def _pool_backward_plane(nc, g, idx, dx):
+def _pool_backward_nchw(g, idx, dx, tile, per, counter):
+    """Blocks of ``per`` (n, c) planes claimed from counter. ``tile`` (2 or 3): the windows
+    are tile x tile with stride tile, no padding or dilation, so they never overlap and each
+    grad-input element is written once (`_unpool_plane`); 0: any windows (`_scatter_plane`)."""
+    h, w = dx.shape[2], dx.shape[3]
     oh, ow = g.shape[2], g.shape[3]
-    plane = dx.shape[2] * dx.shape[3]
     gf = g.reshape(-1)
     af = idx.reshape(-1)
     df = dx.reshape(-1)
-    d0 = uint64(nc * plane)
-    for t in range(uint64(plane)):
+    n_planes = dx.shape[0] * dx.shape[1]
+    b = claim(counter)
+    while b * per < n_planes:
+        for nc in range(b * per, min(n_planes, (b + 1) * per)):
+            own = False  # every index in its own window: the plane is done
+            if tile == 2:
+                own = _unpool_plane(uint64(nc), gf, af, df, uint64(h), uint64(w), uint64(oh),
+                                    uint64(ow), 2)
+            elif tile == 3:
+                own = _unpool_plane(uint64(nc), gf, af, df, uint64(h), uint64(w), uint64(oh),
+                                    uint64(ow), 3)
+            if not own:
+                _scatter_plane(uint64(nc), gf, af, df, uint64(h * w), uint64(oh * ow))
+        b = claim(counter)
+
+
+@njit(cache=NUMBA_CACHE, nogil=True)
+def _scatter_plane(nc, gf, af, df, plane, outs):
+    """Zero the plane (while it is in cache), then add each output gradient at its index, in
+    output order (so overlapping windows, and any index shared by several outputs, add
+    deterministically)."""
+    d0 = nc * plane
+    for t in range(plane):
         df[d0 + t] = 0
-    g0 = uint64(nc * oh * ow)
-    for t in range(uint64(oh * ow)):
+    g0 = nc * outs
+    for t in range(outs):
         df[d0 + uint64(af[g0 + t])] += gf[g0 + t]
+
+
+@njit(cache=NUMBA_CACHE, nogil=True)
+def _unpool_plane(nc, gf, af, df, h, w, oh, ow, size):
+    """Non-overlapping size x size windows, stride size: the full windows' taps written once
+    (`unpool_block`, eight windows at a time, a row's last block overlapping the one before:
+    writing the same values twice is harmless), the rest of the plane zeroed, then the
+    partial windows that ``ceil_mode`` adds scattered into those zeros. False if a full
+    window's index lies outside it (then the plane must be scattered instead)."""
+    literally(size)
+    us = uint64(size)
+    lanes = uint64(POOL_LANES)
+    ohf, owf = min(oh, h // us), min(ow, w // us)
+    d0, o_pl = nc * h * w, nc * oh * ow
+    own = True
+    for i in range(ohf):
+        o_row = o_pl + i * ow
+        kp_row = i * us * w
+        if owf >= lanes:
+            j = uint64(0)
+            while j < owf:
+                jj = min(j, owf - lanes)
+                own &= unpool_block(gf, af, o_row + jj, df, d0, kp_row + jj * us, w, size)
+                j += lanes
+        else:
+            for j in range(owf):
+                k, gv = uint64(af[o_row + j]), gf[o_row + j]
+                hit = False
+                for p in range(us):
+                    for q in range(us):
+                        pos = kp_row + j * us + p * w + q
+                        hit |= k == pos
+                        df[d0 + pos] = gv if k == pos else 0
+                own &= hit
+        for p in range(us):
+            for c in range(owf * us, w):
+                df[d0 + kp_row + p * w + c] = 0
+    for t in range(ohf * us * w, h * w):
+        df[d0 + t] = 0
+    for i in range(oh):
+        for j in range(owf if i < ohf else 0, ow):
+            o = o_pl + i * ow + j
+            df[d0 + uint64(af[o])] += gf[o]
+    return own
+
+
+def _planes_per_claim(spec):
+    """Planes per work item: about 4096 outputs' worth."""
+    return max(1, 4096 // (spec.out_hw[0] * spec.out_hw[1]))
 
 
 def max_pool2d_forward(x, spec, return_indices):
     out = np.empty(spec.out_shape, dtype=spec.dtype)
     idx = np.empty(spec.out_shape if return_indices else (1, 1, 1, 1), dtype=np.int64)
-    _parallel.run(_pool_forward_nchw, (x, out, idx, return_indices, *spec.loop_args),
-                  spec.x_shape[0] * spec.x_shape[1], _parallel.pool_work_ns(spec))
+    planes = spec.x_shape[0] * spec.x_shape[1]
+    per = _planes_per_claim(spec)
+    _parallel.run(_pool_forward_nchw, (x, out, idx, return_indices, *spec.loop_args, per),
+                  -(-planes // per), _parallel.pool_work_ns(spec))
     return out, (idx if return_indices else None)
 
 
 def max_pool2d_backward(g, idx, spec):
     dx = np.empty(spec.x_shape, dtype=spec.dtype)
-    _parallel.run(_pool_backward_nchw, (g, idx, dx), spec.x_shape[0] * spec.x_shape[1],
+    k = spec.kernel[0]
+    tiled = (spec.kernel == spec.stride == (k, k) and k in (2, 3) and spec.padding == (0, 0)
+             and spec.dilation == (1, 1))
+    planes = spec.x_shape[0] * spec.x_shape[1]
+    per = _planes_per_claim(spec)
+    _parallel.run(_pool_backward_nchw, (g, idx, dx, k if tiled else 0, per), -(-planes // per),
                   _parallel.pool_work_ns(spec, backward=True))
     return dx
 
