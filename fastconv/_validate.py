@@ -127,17 +127,27 @@ class AvgPoolSpec(NamedTuple):
 # scalars and tuples
 
 
-def pair(value, name: str, minimum: int) -> tuple[int, int]:
-    """An int or a pair of ints, each >= minimum, as a tuple (torch's ``_pair``)."""
+def _pair_of_any(value, name: str) -> tuple[int, int]:
     if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     try:
         a, b = (value, value) if np.ndim(value) == 0 else value
         if isinstance(a, (bool, np.bool_)) or isinstance(b, (bool, np.bool_)):
             raise TypeError
-        a, b = operator.index(a), operator.index(b)
+        return operator.index(a), operator.index(b)
     except (TypeError, ValueError) as e:
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from e
+
+
+def pair(value, name: str, minimum: int) -> tuple[int, int]:
+    """An int or a pair of ints, each >= minimum, as a tuple (torch's ``_pair``)."""
+    if type(value) is int:  # the common cases first: np.ndim costs microseconds a call
+        a = b = value
+    elif (type(value) is tuple and len(value) == 2 and type(value[0]) is int
+          and type(value[1]) is int):
+        a, b = value
+    else:
+        a, b = _pair_of_any(value, name)
     if min(a, b) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
     if max(a, b) >= OPTION_LIMIT:
@@ -342,6 +352,17 @@ def _as_array(a, name: str, ndim: int):
     return a, tuple(int(d) for d in shape), dtype
 
 
+_DTYPE_NAMES: dict = {}
+
+
+def _dtype_name(dtype) -> str:
+    """str(dtype), remembered: NumPy builds the name anew in every call (~5 us)."""
+    try:
+        return _DTYPE_NAMES[dtype]
+    except KeyError:
+        return _DTYPE_NAMES.setdefault(dtype, str(dtype))
+
+
 def _compute_dtype(*dtypes) -> np.dtype:
     dt = np.result_type(*dtypes)
     if dt.kind in "biu":
@@ -456,7 +477,7 @@ def _conv_spec(x_shape, w_shape, has_bias, b_shape, stride, padding, dilation, g
         )
     _check_output_size((n, k, *out_hw), dtype, f"padding={padding!r} and stride={stride}")
     return ConvSpec(
-        x_shape, w_shape, stride, dilation, pad, groups, out_hw, str(dtype), has_bias, dev, lay
+        x_shape, w_shape, stride, dilation, pad, groups, out_hw, _dtype_name(dtype), has_bias, dev, lay
     )
 
 
@@ -541,7 +562,7 @@ def _transpose_spec(x_shape, w_shape, has_bias, b_shape, stride, padding, output
     (ph, pw), (oh, ow) = pad, opad
     conv_pad = ((ph, max(0, ph - oh)), (pw, max(0, pw - ow)))
     return ConvSpec((n, cout, *out_hw), w_shape, stride, dilation, conv_pad, groups, (h, w),
-                    str(dtype), has_bias, dev, lay)
+                    _dtype_name(dtype), has_bias, dev, lay)
 
 
 def conv_transpose2d(x, w, b, stride, padding, output_padding, groups, dilation, lay="NCHW"):
@@ -613,7 +634,7 @@ def _pool_spec(x_shape, kernel_size, stride, padding, dilation, ceil_mode, dtype
     label = label or f"x of shape {_shown(x_shape, lay)}"
     _check_batch_shape(x_shape, label)
     out = _pool_sizes(x_shape, kernel, stride, padding, dilation, ceil_mode, label)
-    return PoolSpec(x_shape, kernel, stride, padding, dilation, ceil_mode, out, str(dtype), dev,
+    return PoolSpec(x_shape, kernel, stride, padding, dilation, ceil_mode, out, _dtype_name(dtype), dev,
                     lay)
 
 
@@ -711,14 +732,14 @@ def _avg_spec(xs, kernel_size, stride, padding, ceil_mode, count_include_pad, di
     _check_batch_shape(xs, label)
     out = _pool_sizes(xs, kernel, stride, padding, (1, 1), ceil_mode, label)
     return AvgPoolSpec(xs, kernel, stride, padding, ceil_mode, count_include_pad, divisor, False,
-                       out, str(dtype), dev, lay)
+                       out, _dtype_name(dtype), dev, lay)
 
 
 def _adaptive_spec(xs, sizes_given, dtype, dev, lay, label):
     sizes = output_size(sizes_given)
     _check_batch_shape(xs, label)
     out = tuple(size if o is None else o for o, size in zip(sizes, xs[2:]))
-    return AvgPoolSpec(xs, (0, 0), (0, 0), (0, 0), False, True, None, True, out, str(dtype),
+    return AvgPoolSpec(xs, (0, 0), (0, 0), (0, 0), False, True, None, True, out, _dtype_name(dtype),
                        dev, lay)
 
 
