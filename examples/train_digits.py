@@ -26,9 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+import fastconv as fc  # before NumPy (README, "Threads")
 import numpy as np
-
-import fastconv as fc
 from fastconv.bench.nets import Adam as _ListAdam
 from fastconv.bench.nets import Affine, NumpyConvolution, NumpyPooling, Relu, SoftmaxWithLoss
 

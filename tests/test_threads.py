@@ -227,3 +227,21 @@ def test_the_default_count_follows_the_environment():
     assert count(OMP_NUM_THREADS="1") == 1
     assert count(OMP_NUM_THREADS="3", FASTCONV_NUM_THREADS="2") == 2
     assert count() == len(os.sched_getaffinity(0))
+
+
+def test_openblas_spin_is_shortened_only_before_numpy_and_never_overridden():
+    """fastconv imported first sets OPENBLAS_THREAD_TIMEOUT for the OpenBLAS that NumPy then
+    loads, so NumPy's idle BLAS threads sleep instead of spinning into our calls; imported
+    after NumPy (too late for OpenBLAS to read it) it sets nothing, and a user's value stays."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+
+    def seen(code, **extra):
+        out = subprocess.run([sys.executable, "-c", code + "; import os; print(os.environ.get("
+                              "'OPENBLAS_THREAD_TIMEOUT'))"], capture_output=True, text=True,
+                             env={**env, **extra}, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    assert seen("import fastconv") == "4"
+    assert seen("import numpy, fastconv") == "None"
+    assert seen("import fastconv", OPENBLAS_THREAD_TIMEOUT="20") == "20"
