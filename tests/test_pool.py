@@ -53,6 +53,17 @@ def _all_methods():
             for m in _registry.known("max_pool2d")]
 
 
+def _scattered(g, idx, shape):
+    """The reference backward: each gradient added at its flat index, by np.add.at."""
+    want = np.zeros(shape)
+    n, c = np.indices(shape[:2])
+    for i in range(g.shape[2]):
+        for j in range(g.shape[3]):
+            k = idx[:, :, i, j]
+            np.add.at(want, (n, c, k // shape[3], k % shape[3]), g[:, :, i, j])
+    return want
+
+
 def distinct(shape, dtype, seed=0):
     """Values without ties (a shuffled arange), so every window has one maximum."""
     rng = np.random.default_rng(seed)
@@ -85,12 +96,7 @@ def test_backward_routes_and_adds(method, shape, opts, dtype):
     out, idx = fc.max_pool2d(x, **opts, return_indices=True, method="naive")
     g = np.random.default_rng(2).standard_normal(out.shape).astype(dtype)
     got = to_host(checked(fc.max_pool2d_backward, g, idx, x.shape, **opts, method=method))
-    want = np.zeros(shape)
-    n, c = np.indices(shape[:2])
-    for i in range(out.shape[2]):
-        for j in range(out.shape[3]):
-            k = idx[:, :, i, j]
-            np.add.at(want, (n, c, k // shape[3], k % shape[3]), g[:, :, i, j])
+    want = _scattered(g, idx, shape)
     assert got.dtype == dtype and got.shape == shape
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
@@ -113,12 +119,7 @@ def test_backward_takes_any_positions(method, shape, opts, dtype):
     idx = np.where(foreign, rng.integers(0, shape[2] * shape[3], idx.shape), idx)
     g = rng.standard_normal(out.shape).astype(dtype)
     got = to_host(checked(fc.max_pool2d_backward, g, idx, x.shape, **opts, method=method))
-    want = np.zeros(shape)
-    n, c = np.indices(shape[:2])
-    for i in range(out.shape[2]):
-        for j in range(out.shape[3]):
-            k = idx[:, :, i, j]
-            np.add.at(want, (n, c, k // shape[3], k % shape[3]), g[:, :, i, j])
+    want = _scattered(g, idx, shape)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 

@@ -276,7 +276,8 @@ def max_pool2d_backward(g, idx, spec):
     dx = np.empty(spec.x_shape, dtype=spec.dtype)
     k = spec.kernel[0]
     tiled = (spec.kernel == spec.stride == (k, k) and k in (2, 3) and spec.padding == (0, 0)
-             and spec.dilation == (1, 1))
+             and spec.dilation == (1, 1)
+             and spec.x_shape[2] * spec.x_shape[3] < 2**31)  # unpool_block's 32-bit offsets
     planes = spec.x_shape[0] * spec.x_shape[1]
     per = _planes_per_claim(spec)
     _parallel.run(_pool_backward_nchw, (g, idx, dx, k if tiled else 0, per), -(-planes // per),
