@@ -60,6 +60,7 @@ class Impl(NamedTuple):
     priority: int
     layouts: tuple[str, ...] = ("NCHW",)  # the layouts it reads natively
     over: tuple[str, ...] = ()  # targets that ``target`` is a factory over
+    checks_indices: bool = False  # max_pool2d_backward: range-checks the indices it reads
 
     @property
     def fn(self):
@@ -104,7 +105,8 @@ def _changed():
 
 
 def register(op, method, target, *, device="cpu", unavailable=lambda: None,
-             unsupported=lambda spec: None, priority=0, layouts=("NCHW",), over=()):
+             unsupported=lambda spec: None, priority=0, layouts=("NCHW",), over=(),
+             checks_indices=False):
     """Add (or replace) an implementation of ``op`` under the name ``method``.
 
     ``unavailable()`` says why the method cannot run on this machine (None when it can);
@@ -113,11 +115,14 @@ def register(op, method, target, *, device="cpu", unavailable=lambda: None,
     Either may name a ``"module:function"`` target, imported when first called.
     ``layouts``: the layouts the entry point reads (others are transposed for it). With
     ``over``, ``target`` names a factory called once with the functions ``over`` names.
+    ``checks_indices`` (max_pool2d_backward): the kernel tests every index against the plane
+    in its own pass and raises fastconv.kernels.IndicesOutsidePlane before returning, so
+    validation may skip its separate pass over the indices (fastconv.functional._run).
     """
     assert op in OPS, op
     _REGISTRY[op, method] = Impl(
         op, method, target, device, functools.cache(_lazy(unavailable)), _lazy(unsupported),
-        priority, tuple(layouts), tuple(over),
+        priority, tuple(layouts), tuple(over), bool(checks_indices),
     )
     _changed()
 
@@ -334,7 +339,8 @@ register("max_pool2d_backward", "im2col", f"{_IM2COL}:max_pool2d_backward", **_C
 register("conv2d", "direct", f"{_DIRECT}:conv2d_forward", **_LOOPS)
 register("conv2d_backward", "direct", f"{_DIRECT}:conv2d_backward", **_LOOPS)
 register("max_pool2d", "direct", f"{_POOL}:max_pool2d_forward", priority=10)
-register("max_pool2d_backward", "direct", f"{_POOL}:max_pool2d_backward", priority=10)
+register("max_pool2d_backward", "direct", f"{_POOL}:max_pool2d_backward", priority=10,
+         checks_indices=True)
 # Winograd: 3x3 stride-1 only; below im2col's priority, so auto takes it where measured fastest
 _WINO = dict(unavailable=_blas_missing, unsupported="fastconv.kernels.winograd:unsupported",
              priority=3)

@@ -672,7 +672,9 @@ def max_pool2d_backward(grad_output, indices, input_shape, kernel_size, stride, 
                         dilation, ceil_mode, lay="NCHW"):
     """Validate max_pool2d_backward arguments; return (grad_output, indices, spec).
 
-    Host indices come back as int64 inside ``[0, H*W)``. A window lying wholly in the padding
+    Host indices come back as int64; their range, ``[0, H*W)``, is checked here or, for the
+    caller's own int64 indices, by `indices_in_plane` or the kernel (see `_routable`). A window
+    lying wholly in the padding
     has no input pixel; whatever index it carries (forward gives one outside the plane, as
     PyTorch) is accepted, and the returned copies route nothing from it: its index becomes 0
     and its gradient 0.
@@ -800,7 +802,11 @@ def adaptive_avg_pool2d_backward(grad_output, input_shape, output_size, lay="NCH
 
 
 def _routable(g, indices, spec):
-    """Host gradients and int64 indices that a kernel can scatter without a bounds check."""
+    """Host gradients and int64 indices that a kernel can scatter. Their range is checked
+    here, except for the common case of the caller's own int64 indices with no empty window:
+    those are checked by `indices_in_plane` after the method is known, or by the kernel itself
+    where it is registered with ``checks_indices`` (fastconv.functional._run), which saves a
+    pass over them."""
     rows, cols = empty_windows(spec)
     if rows or cols:  # rare: copies, never the caller's arrays
         g, indices = g.copy(), np.array(indices)
@@ -808,6 +814,15 @@ def _routable(g, indices, spec):
         for a in (g, indices):
             a[(slice(None),) * h_axis + (list(rows),)] = 0
             a[(slice(None),) * (h_axis + 1) + (list(cols),)] = 0
+    elif indices.dtype == np.int64:
+        return g, np.ascontiguousarray(indices)
+    indices_in_plane(indices, spec)
+    return g, np.ascontiguousarray(indices, dtype=np.int64)
+
+
+def indices_in_plane(indices, spec) -> None:
+    """ValueError unless every index is a flat position in the input plane (host indices of
+    max_pool2d_backward, after `_routable`)."""
     plane = spec.x_shape[2] * spec.x_shape[3]
     # one pass instead of min() and max(): negative values are huge seen as unsigned
     flat = indices.reshape(-1)
@@ -819,7 +834,6 @@ def _routable(g, indices, spec):
             f"{spec.x_shape[3]} input plane) outside windows lying wholly in the padding, got "
             f"values in [{lo}, {hi}]"
         )
-    return g, np.ascontiguousarray(indices, dtype=np.int64)
 
 
 @functools.lru_cache(maxsize=256)

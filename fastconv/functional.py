@@ -9,6 +9,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from . import _policy, _registry, _validate
+from .kernels import IndicesOutsidePlane
 
 __all__ = ["conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "avg_pool2d",
            "avg_pool2d_backward", "adaptive_avg_pool2d", "adaptive_avg_pool2d_backward",
@@ -448,7 +449,16 @@ def _run(op, a):
     impl = _registry.resolve(op, a["method"], spec)
     if spec.x_shape[0] == 0:
         return _empty_result(op, spec, args)
-    return impl.kernel(spec)(*args)
+    if op != "max_pool2d_backward" or spec.on_device:
+        return impl.kernel(spec)(*args)
+    if not impl.checks_indices:  # the range check validation left for after dispatch
+        _validate.indices_in_plane(args[1], spec)
+        return impl.kernel(spec)(*args)
+    try:  # the kernel checks each index in its own pass (it skipped the bad ones)
+        return impl.kernel(spec)(*args)
+    except IndicesOutsidePlane:
+        _validate.indices_in_plane(args[1], spec)  # raises, with the validator's message
+        raise
 
 
 def _empty_result(op, spec, args):

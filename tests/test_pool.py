@@ -189,3 +189,29 @@ def test_pool_is_deterministic_and_leaves_input(method):
     for out, idx in runs[1:]:
         np.testing.assert_array_equal(out, runs[0][0])
         np.testing.assert_array_equal(idx, runs[0][1])
+
+
+@pytest.mark.parametrize("method", [m for m in ("naive", "im2col", "direct", "auto")])
+@pytest.mark.parametrize("shape,opts", [((2, 3, 6, 38), dict(kernel_size=2)),
+                                        ((1, 2, 4, 10), dict(kernel_size=2)),
+                                        ((1, 2, 9, 29), dict(kernel_size=3, ceil_mode=True)),
+                                        ((2, 3, 9, 9), dict(kernel_size=3, stride=2))],
+                         ids=["2x2-wide", "2x2-short", "3x3-ceil", "3x3-s2"])
+@pytest.mark.parametrize("value", [-1, 1 << 32, "plane"])
+def test_backward_refuses_indices_outside_the_plane(method, shape, opts, value):
+    """Every method, also the ones that check indices in their own pass (direct): the same
+    message, whether the bad index sits in a full window, a partial one or a short row, and
+    whatever its value (one that equals a tap in its low 32 bits too)."""
+    if method == "im2col" and "im2col" not in fc.methods():
+        pytest.skip("no compiled core")
+    x = distinct(shape, np.float32)
+    out, idx = fc.max_pool2d(x, **opts, return_indices=True, method="naive")
+    plane = shape[2] * shape[3]
+    for where in [(0, 0, 0, 0), (0, 1, out.shape[2] - 1, out.shape[3] - 1)]:
+        bad = idx.copy()
+        bad[where] = plane if value == "plane" else (idx[where] + value if value > 0 else value)
+        before = bad.copy()
+        with pytest.raises(ValueError, match=rf"indices must lie in \[0, {plane}\).*got "
+                                             r"values in \["):
+            fc.max_pool2d_backward(out, bad, shape, **opts, method=method)
+        np.testing.assert_array_equal(bad, before)

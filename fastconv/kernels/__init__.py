@@ -15,7 +15,13 @@ import tempfile
 
 import numba
 
-__all__ = ["NUMBA_CACHE", "numba_cache_location"]
+__all__ = ["NUMBA_CACHE", "IndicesOutsidePlane", "numba_cache_location"]
+
+
+class IndicesOutsidePlane(ValueError):
+    """Raised by a max_pool2d_backward kernel registered with ``checks_indices`` that met an
+    index outside the plane (it skipped it); fastconv.functional turns it into the validator's
+    message."""
 
 
 def _probe():  # pragma: no cover - never called: its cache locator is what matters

@@ -254,8 +254,9 @@ def unpool_block(typingctx, gf, af, o, df, d0, kp, rstep, size):
     Write-once, with no read of ``df``: where windows do not overlap this replaces zeroing the
     plane and adding each gradient at its index. Vector compares and selects (bit-exact: the
     gradient's bits, NaN included, or +0.0); a pool row of taps is one contiguous store of the
-    ``size`` tap vectors interleaved. ``size`` (2 or 3) is a literal; every index must lie in
-    range and ``af[o + l] - kp`` fit in 31 bits (nothing is checked here).
+    ``size`` tap vectors interleaved. ``size`` (2 or 3) is a literal. An index may hold any
+    value (it is only compared, in 64 bits); the windows' taps and ``gf``/``af`` must be in
+    range (nothing is checked here).
     """
     if not (isinstance(gf, types.Array) and isinstance(df, types.Array)
             and gf.dtype == df.dtype and gf.dtype in (types.float32, types.float64)
@@ -281,20 +282,23 @@ def unpool_block(typingctx, gf, af, o, df, d0, kp, rstep, size):
                                       ir.Constant(i32, 0))
         kp_v = builder.shuffle_vector(kp_v, ir.Constant(kp_v.type, ir.Undefined),
                                       ir.Constant(ity, [0] * n))
-        rel = builder.trunc(builder.sub(idx, kp_v), ity)  # position relative to the block
-        rs32 = builder.trunc(a.index(6), i32)
+        # positions relative to the block, in 64 bits: an index from anywhere (even outside
+        # the plane) matches a tap only if it is that tap
+        rel = builder.sub(idx, kp_v)
+        lty = ir.VectorType(i64, n)
+        rs64 = builder.sext(a.index(6), i64) if a.index(6).type.width < 64 else a.index(6)
         zeros = ir.Constant(vty, [ir.Constant(elem, 0.0)] * n)
         base = builder.add(a.index(4), kp)
         hit = ir.Constant(ir.VectorType(ir.IntType(1), n), [0] * n)
         for p in range(k):
-            row_off = builder.mul(rs32, ir.Constant(i32, p))
+            row_off = builder.mul(rs64, ir.Constant(i64, p))
+            row_v = builder.shuffle_vector(
+                builder.insert_element(ir.Constant(lty, ir.Undefined), row_off,
+                                       ir.Constant(i32, 0)),
+                ir.Constant(lty, ir.Undefined), ir.Constant(ity, [0] * n))
             taps = []
             for q in range(k):
-                cand = ir.Constant(ity, [k * lane + q for lane in range(n)])
-                cand = builder.add(cand, builder.shuffle_vector(
-                    builder.insert_element(ir.Constant(ity, ir.Undefined), row_off,
-                                           ir.Constant(i32, 0)),
-                    ir.Constant(ity, ir.Undefined), ir.Constant(ity, [0] * n)))
+                cand = builder.add(ir.Constant(lty, [k * lane + q for lane in range(n)]), row_v)
                 eq = builder.icmp_signed("==", rel, cand)
                 hit = builder.or_(hit, eq)
                 taps.append(builder.select(eq, g, zeros))

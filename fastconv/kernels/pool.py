@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from numba import int64, literally, njit, uint64
 
-from . import NUMBA_CACHE, _parallel
+from . import NUMBA_CACHE, IndicesOutsidePlane, _parallel
 from ._numba import cdiv, claim, wide
 from ._simd import POOL_LANES, max_block, unpool_block
 from ._window import box_windows, window_max
@@ -175,10 +175,12 @@ def _pool_plane(nc, xf, of, af, h, w, oh, ow, want_idx, kh, kw, sh, sw, ph, pw, 
 
 
 @njit(cache=NUMBA_CACHE, nogil=True)
-def _pool_backward_nchw(g, idx, dx, tile, per, counter):
+def _pool_backward_nchw(g, idx, dx, tile, per, bad, counter):
     """Blocks of ``per`` (n, c) planes claimed from counter. ``tile`` (2 or 3): the windows
     are tile x tile with stride tile, no padding or dilation, so they never overlap and each
-    grad-input element is written once (`_unpool_plane`); 0: any windows (`_scatter_plane`)."""
+    grad-input element is written once (`_unpool_plane`); 0: any windows (`_scatter_plane`).
+    Indices are checked against the plane as they are read: ``bad[nc]`` counts the ones
+    plane nc skipped (the indices are not validated beforehand: see `max_pool2d_backward`)."""
     h, w = dx.shape[2], dx.shape[3]
     oh, ow = g.shape[2], g.shape[3]
     gf = g.reshape(-1)
@@ -196,7 +198,7 @@ def _pool_backward_nchw(g, idx, dx, tile, per, counter):
                 own = _unpool_plane(uint64(nc), gf, af, df, uint64(h), uint64(w), uint64(oh),
                                     uint64(ow), 3)
             if not own:
-                _scatter_plane(uint64(nc), gf, af, df, uint64(h * w), uint64(oh * ow))
+                bad[nc] = _scatter_plane(uint64(nc), gf, af, df, uint64(h * w), uint64(oh * ow))
         b = claim(counter)
 
 
@@ -204,13 +206,19 @@ def _pool_backward_nchw(g, idx, dx, tile, per, counter):
 def _scatter_plane(nc, gf, af, df, plane, outs):
     """Zero the plane (while it is in cache), then add each output gradient at its index, in
     output order (so overlapping windows, and any index shared by several outputs, add
-    deterministically)."""
+    deterministically); the number of indices outside the plane, skipped."""
     d0 = nc * plane
     for t in range(plane):
         df[d0 + t] = 0
     g0 = nc * outs
+    skipped = 0
     for t in range(outs):
-        df[d0 + uint64(af[g0 + t])] += gf[g0 + t]
+        k = uint64(af[g0 + t])  # a negative index is huge seen as unsigned
+        if k < plane:
+            df[d0 + k] += gf[g0 + t]
+        else:
+            skipped += 1
+    return skipped
 
 
 @njit(cache=NUMBA_CACHE, nogil=True)
@@ -253,7 +261,11 @@ def _unpool_plane(nc, gf, af, df, h, w, oh, ow, size):
     for i in range(oh):
         for j in range(owf if i < ohf else 0, ow):
             o = o_pl + i * ow + j
-            df[d0 + uint64(af[o])] += gf[o]
+            k = uint64(af[o])
+            if k < h * w:
+                df[d0 + k] += gf[o]
+            else:
+                own = False  # the scatter redoes the plane and counts it
     return own
 
 
@@ -276,12 +288,14 @@ def max_pool2d_backward(g, idx, spec):
     dx = np.empty(spec.x_shape, dtype=spec.dtype)
     k = spec.kernel[0]
     tiled = (spec.kernel == spec.stride == (k, k) and k in (2, 3) and spec.padding == (0, 0)
-             and spec.dilation == (1, 1)
-             and spec.x_shape[2] * spec.x_shape[3] < 2**31)  # unpool_block's 32-bit offsets
+             and spec.dilation == (1, 1))
     planes = spec.x_shape[0] * spec.x_shape[1]
     per = _planes_per_claim(spec)
-    _parallel.run(_pool_backward_nchw, (g, idx, dx, k if tiled else 0, per), -(-planes // per),
-                  _parallel.pool_work_ns(spec, backward=True))
+    bad = np.zeros(planes, np.int64)
+    _parallel.run(_pool_backward_nchw, (g, idx, dx, k if tiled else 0, per, bad),
+                  -(-planes // per), _parallel.pool_work_ns(spec, backward=True))
+    if bad.any():
+        raise IndicesOutsidePlane(f"{int(bad.sum())} indices outside the plane")
     return dx
 
 
