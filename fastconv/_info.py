@@ -38,12 +38,12 @@ def _threading():
                               "idle threads sleep",
            "pool threads started": str(len(pool.workers)),
            "one-thread below": f"{_parallel.MIN_PARALLEL_NS / 1e3:.0f} us of estimated work"}
-    import fastconv
+    from . import _SET_BLAS_TIMEOUT
 
     timeout = os.environ.get("OPENBLAS_THREAD_TIMEOUT")
     out["OPENBLAS_THREAD_TIMEOUT"] = (
         "4, set by fastconv (imported before NumPy): NumPy's BLAS threads sleep after a call"
-        if fastconv._SET_BLAS_TIMEOUT else
+        if _SET_BLAS_TIMEOUT else
         "unset: NumPy's OpenBLAS threads spin ~0.1 s after each call (import fastconv before "
         "NumPy, or set it to 4)" if timeout is None else f"{timeout}, as set by the user")
     try:

@@ -476,9 +476,8 @@ def _conv_spec(x_shape, w_shape, has_bias, b_shape, stride, padding, dilation, g
             f"{xg} with padding={pad}: the output would be empty" + hint
         )
     _check_output_size((n, k, *out_hw), dtype, f"padding={padding!r} and stride={stride}")
-    return ConvSpec(
-        x_shape, w_shape, stride, dilation, pad, groups, out_hw, _dtype_name(dtype), has_bias, dev, lay
-    )
+    return ConvSpec(x_shape, w_shape, stride, dilation, pad, groups, out_hw, _dtype_name(dtype),
+                    has_bias, dev, lay)
 
 
 def conv2d(x, w, b, stride, padding, dilation, groups, lay="NCHW"):
@@ -634,8 +633,8 @@ def _pool_spec(x_shape, kernel_size, stride, padding, dilation, ceil_mode, dtype
     label = label or f"x of shape {_shown(x_shape, lay)}"
     _check_batch_shape(x_shape, label)
     out = _pool_sizes(x_shape, kernel, stride, padding, dilation, ceil_mode, label)
-    return PoolSpec(x_shape, kernel, stride, padding, dilation, ceil_mode, out, _dtype_name(dtype), dev,
-                    lay)
+    return PoolSpec(x_shape, kernel, stride, padding, dilation, ceil_mode, out,
+                    _dtype_name(dtype), dev, lay)
 
 
 def _input_shape(input_shape, lay):
@@ -674,8 +673,7 @@ def max_pool2d_backward(grad_output, indices, input_shape, kernel_size, stride, 
 
     Host indices come back as int64; their range, ``[0, H*W)``, is checked here or, for the
     caller's own int64 indices, by `indices_in_plane` or the kernel (see `_routable`). A window
-    lying wholly in the padding
-    has no input pixel; whatever index it carries (forward gives one outside the plane, as
+    lying wholly in the padding has no input pixel; whatever index it carries (forward gives one outside the plane, as
     PyTorch) is accepted, and the returned copies route nothing from it: its index becomes 0
     and its gradient 0.
     """
@@ -741,8 +739,8 @@ def _adaptive_spec(xs, sizes_given, dtype, dev, lay, label):
     sizes = output_size(sizes_given)
     _check_batch_shape(xs, label)
     out = tuple(size if o is None else o for o, size in zip(sizes, xs[2:]))
-    return AvgPoolSpec(xs, (0, 0), (0, 0), (0, 0), False, True, None, True, out, _dtype_name(dtype),
-                       dev, lay)
+    return AvgPoolSpec(xs, (0, 0), (0, 0), (0, 0), False, True, None, True, out,
+                       _dtype_name(dtype), dev, lay)
 
 
 def avg_pool2d(x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override,

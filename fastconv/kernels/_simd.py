@@ -24,7 +24,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, register_jitable
 
-__all__ = ["VECTOR_BYTES", "POOL_LANES", "lanes", "tile4", "tile4t", "max_block", "unpool_block"]
+__all__ = ["VECTOR_BYTES", "POOL_LANES", "lanes", "tile4", "tile4t", "max_block",
+           "unpool_block"]
 
 VECTOR_BYTES = 64  # one accumulator vector
 
@@ -36,6 +37,15 @@ def lanes(a):
     return VECTOR_BYTES // a.itemsize
 
 
+def _splat(builder, value, lanes):
+    """A vector of ``lanes`` copies of the scalar ``value``."""
+    vty = ir.VectorType(value.type, lanes)
+    one = builder.insert_element(ir.Constant(vty, ir.Undefined), value,
+                                 ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(one, ir.Constant(vty, ir.Undefined),
+                                  ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
+
+
 def _tile_codegen(context, builder, lanes, elem_ty, scalar_at, vector_at, lo, hi, out_p, qs):
     """The loop both tiles share: for r in [lo, hi), acc_u += splat(*scalar_at(r, u)) *
     load(vector_at(r)); then out[q_u : q_u + lanes] += acc_u. ``scalar_at`` and ``vector_at``
@@ -44,7 +54,6 @@ def _tile_codegen(context, builder, lanes, elem_ty, scalar_at, vector_at, lo, hi
     vty = ir.VectorType(elem_ty, lanes)
     size = context.get_abi_sizeof(elem_ty)
     zeros = ir.Constant(vty, [ir.Constant(elem_ty, 0.0)] * lanes)
-    splat_mask = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
     suffix = f"v{lanes}f{VECTOR_BYTES * 8 // lanes}"
     fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
                                          f"llvm.fma.{suffix}")
@@ -52,10 +61,7 @@ def _tile_codegen(context, builder, lanes, elem_ty, scalar_at, vector_at, lo, hi
     with cgutils.for_range_slice(builder, lo, hi, ir.Constant(intp, 1), intp=intp) as (r, _):
         vv = builder.load(builder.bitcast(vector_at(r), vty.as_pointer()), align=size)
         for u, acc in enumerate(accs):
-            a = builder.load(scalar_at(r, u))
-            av = builder.insert_element(ir.Constant(vty, ir.Undefined), a,
-                                        ir.Constant(ir.IntType(32), 0))
-            av = builder.shuffle_vector(av, ir.Constant(vty, ir.Undefined), splat_mask)
+            av = _splat(builder, builder.load(scalar_at(r, u)), lanes)
             builder.store(builder.call(fma, [av, vv, builder.load(acc)]), acc)
     for q, acc in zip(qs, accs):
         op = builder.bitcast(builder.gep(out_p, [q]), vty.as_pointer())
@@ -150,7 +156,6 @@ def tile4t(typingctx, w, s0, s1, s2, s3, sstride, src, vb, off, r0, r1, out, q0,
     return sig, codegen
 
 
-
 #: Windows per `max_block`: one ymm of float32, a ymm pair of float64 (rows of 8 to 24 windows
 #: are common in pools; a wider block would leave more of them to the scalar path).
 POOL_LANES = 8
@@ -209,13 +214,9 @@ def max_block(typingctx, xf, pb, kp, rstep, of, af, o, size, step, with_idx):
             mask = ir.Constant(ir.VectorType(i32, n), [first + 2 * lane for lane in range(n)])
             return builder.shuffle_vector(wide_v, ir.Constant(wty, ir.Undefined), mask)
 
-        def splat_i(v):
-            vec = builder.insert_element(ir.Constant(ity, ir.Undefined), v, ir.Constant(i32, 0))
-            return builder.shuffle_vector(vec, ir.Constant(ity, ir.Undefined),
-                                          ir.Constant(ity, [0] * n))
-
         best = tap(0, 0)
-        arg = builder.add(splat_i(kp32), lane_step)
+        first = builder.add(_splat(builder, kp32, n), lane_step)  # each window's first tap
+        arg = first
         rs32 = builder.trunc(rs, i32)
         for p in range(k):
             for q in range(k):
@@ -229,7 +230,7 @@ def max_block(typingctx, xf, pb, kp, rstep, of, af, o, size, step, with_idx):
                 if idx:
                     shift = builder.add(builder.mul(rs32, ir.Constant(i32, p)),
                                         ir.Constant(i32, q))
-                    cand = builder.add(builder.add(splat_i(kp32), lane_step), splat_i(shift))
+                    cand = builder.add(first, _splat(builder, shift, n))
                     arg = builder.select(take, cand, arg)
         out = builder.gep(o_p, [a.index(6)])
         builder.store(best, builder.bitcast(out, vty.as_pointer()), align=esize)
@@ -272,16 +273,12 @@ def unpool_block(typingctx, gf, af, o, df, d0, kp, rstep, size):
         elem = g_p.type.pointee
         esize = context.get_abi_sizeof(elem)
         i32, i64 = ir.IntType(32), ir.IntType(64)
-        vty, ity = ir.VectorType(elem, n), ir.VectorType(i32, n)
+        vty = ir.VectorType(elem, n)
         o_i, kp = a.index(2), a.index(5)
         g = builder.load(builder.bitcast(builder.gep(g_p, [o_i]), vty.as_pointer()), align=esize)
         idx = builder.load(builder.bitcast(builder.gep(a_p, [o_i]), ir.VectorType(i64, n)
                                            .as_pointer()), align=8)
-        kp_v = builder.insert_element(ir.Constant(ir.VectorType(i64, n), ir.Undefined),
-                                      builder.sext(kp, i64) if kp.type.width < 64 else kp,
-                                      ir.Constant(i32, 0))
-        kp_v = builder.shuffle_vector(kp_v, ir.Constant(kp_v.type, ir.Undefined),
-                                      ir.Constant(ity, [0] * n))
+        kp_v = _splat(builder, builder.sext(kp, i64) if kp.type.width < 64 else kp, n)
         # positions relative to the block, in 64 bits: an index from anywhere (even outside
         # the plane) matches a tap only if it is that tap
         rel = builder.sub(idx, kp_v)
@@ -292,10 +289,7 @@ def unpool_block(typingctx, gf, af, o, df, d0, kp, rstep, size):
         hit = ir.Constant(ir.VectorType(ir.IntType(1), n), [0] * n)
         for p in range(k):
             row_off = builder.mul(rs64, ir.Constant(i64, p))
-            row_v = builder.shuffle_vector(
-                builder.insert_element(ir.Constant(lty, ir.Undefined), row_off,
-                                       ir.Constant(i32, 0)),
-                ir.Constant(lty, ir.Undefined), ir.Constant(ity, [0] * n))
+            row_v = _splat(builder, row_off, n)
             taps = []
             for q in range(k):
                 cand = builder.add(ir.Constant(lty, [k * lane + q for lane in range(n)]), row_v)

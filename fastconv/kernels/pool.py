@@ -1,7 +1,8 @@
 """Max-pool (Numba, CPU, parallel over (n, c) planes).
 
 Inputs are already validated and converted (see fastconv._validate): C-contiguous arrays of
-``spec.dtype``. Kernels never look at user input beyond that.
+``spec.dtype``. Kernels never look at user input beyond that, with one exception: backward
+range-checks the indices itself, as it reads them (registered with ``checks_indices``).
 
 Windows lying fully inside the input run in vector code: 2x2 and 3x3 windows of stride 1 or 2
 along rows eight at a time (fastconv.kernels._simd.max_block: compares and selects in vector
@@ -190,7 +191,7 @@ def _pool_backward_nchw(g, idx, dx, tile, per, bad, counter):
     b = claim(counter)
     while b * per < n_planes:
         for nc in range(b * per, min(n_planes, (b + 1) * per)):
-            own = False  # every index in its own window: the plane is done
+            own = False  # True once _unpool_plane has done the plane
             if tile == 2:
                 own = _unpool_plane(uint64(nc), gf, af, df, uint64(h), uint64(w), uint64(oh),
                                     uint64(ow), 2)
@@ -269,18 +270,18 @@ def _unpool_plane(nc, gf, af, df, h, w, oh, ow, size):
     return own
 
 
-def _planes_per_claim(spec):
-    """Planes per work item: about 4096 outputs' worth."""
-    return max(1, 4096 // (spec.out_hw[0] * spec.out_hw[1]))
+def _plane_blocks(spec):
+    """(planes per work item, work items): about 4096 outputs' worth of planes an item."""
+    per = max(1, 4096 // (spec.out_hw[0] * spec.out_hw[1]))
+    return per, -(-spec.x_shape[0] * spec.x_shape[1] // per)
 
 
 def max_pool2d_forward(x, spec, return_indices):
     out = np.empty(spec.out_shape, dtype=spec.dtype)
     idx = np.empty(spec.out_shape if return_indices else (1, 1, 1, 1), dtype=np.int64)
-    planes = spec.x_shape[0] * spec.x_shape[1]
-    per = _planes_per_claim(spec)
+    per, items = _plane_blocks(spec)
     _parallel.run(_pool_forward_nchw, (x, out, idx, return_indices, *spec.loop_args, per),
-                  -(-planes // per), _parallel.pool_work_ns(spec))
+                  items, _parallel.pool_work_ns(spec))
     return out, (idx if return_indices else None)
 
 
@@ -289,11 +290,10 @@ def max_pool2d_backward(g, idx, spec):
     k = spec.kernel[0]
     tiled = (spec.kernel == spec.stride == (k, k) and k in (2, 3) and spec.padding == (0, 0)
              and spec.dilation == (1, 1))
-    planes = spec.x_shape[0] * spec.x_shape[1]
-    per = _planes_per_claim(spec)
-    bad = np.zeros(planes, np.int64)
-    _parallel.run(_pool_backward_nchw, (g, idx, dx, k if tiled else 0, per, bad),
-                  -(-planes // per), _parallel.pool_work_ns(spec, backward=True))
+    per, items = _plane_blocks(spec)
+    bad = np.zeros(spec.x_shape[0] * spec.x_shape[1], np.int64)  # skipped indices, per plane
+    _parallel.run(_pool_backward_nchw, (g, idx, dx, k if tiled else 0, per, bad), items,
+                  _parallel.pool_work_ns(spec, backward=True))
     if bad.any():
         raise IndicesOutsidePlane(f"{int(bad.sum())} indices outside the plane")
     return dx
