@@ -1,5 +1,6 @@
-"""The register-tile micro-kernel (fastconv.kernels._simd.tile4) against NumPy, in both dtypes,
-on unaligned bases, odd strides and offset tables, and an empty reduction; the max-pool block
+"""The register-tile micro-kernels (fastconv.kernels._simd.tile4, and tile4t with 1 to 4
+vectors per channel) against NumPy, in both dtypes, on unaligned bases, odd strides and offset
+tables, and an empty reduction; the max-pool block
 (max_block) against a scalar loop, with NaNs and ties; its backward (unpool_block) against
 NumPy, with a NaN gradient and indices outside their windows."""
 
@@ -7,37 +8,72 @@ import numpy as np
 import pytest
 from numba import literally, njit
 
-from fastconv.kernels._simd import POOL_LANES, lanes, max_block, tile4, unpool_block
+from fastconv.kernels._simd import POOL_LANES, lanes, max_block, tile4, tile4t, unpool_block
 
 
 @njit
-def _call(src, ts, off, r0, r1, w, wb, ws, out, qs):
+def _call(src, ts, off, r0, r1, w, wb, ws, out, qs, nvec):
+    literally(nvec)
     tile4(src, ts[0], ts[1], ts[2], ts[3], off, r0, r1, w, wb, ws, out, qs[0], qs[1], qs[2],
-          qs[3])
+          qs[3], nvec)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("nvec", [1, 2, 4])
 @pytest.mark.parametrize("r0,r1", [(0, 7), (2, 5), (3, 3)])
-def test_tile4_matches_numpy(dtype, r0, r1):
+def test_tile4_matches_numpy(dtype, nvec, r0, r1):
     rng = np.random.default_rng(r1)
-    nl = lanes(np.dtype(dtype))
+    nl = lanes(np.dtype(dtype)) * nvec  # elements per accumulator row
     src = rng.standard_normal(300).astype(dtype)
     off = rng.integers(0, 200, 7).astype(np.uint64)
-    ts, qs = np.array([1, 13, 40, 77]), np.array([3, 3 + nl + 5, 90, 150])
+    ts, qs = np.array([1, 13, 40, 77]), np.array([3, 3 + nl + 5, 2 * nl + 20, 3 * nl + 40])
     wb, ws = 5, nl + 3
     w = rng.standard_normal(wb + 7 * ws + nl).astype(dtype)
-    out = rng.standard_normal(200).astype(dtype)
+    out = rng.standard_normal(150 + 4 * nl).astype(dtype)
     want = out.copy()
     for t, q in zip(ts, qs):
         for r in range(r0, r1):
             want[q:q + nl] += src[t + int(off[r])] * w[wb + r * ws:wb + r * ws + nl]
-    untouched = np.ones(200, bool)
+    untouched = np.ones(out.size, bool)
     for q in qs:
         untouched[q:q + nl] = False
     before = out.copy()
-    _call(src, ts, off, r0, r1, w, wb, ws, out, qs)
+    _call(src, ts, off, r0, r1, w, wb, ws, out, qs, nvec)
     np.testing.assert_allclose(out, want, rtol=1e-5 if dtype == np.float32 else 1e-13,
                                atol=1e-5 if dtype == np.float32 else 1e-13)
+    np.testing.assert_array_equal(out[untouched], before[untouched])
+
+
+@njit
+def _call_t(w, ss, sstride, src, vb, off, r0, r1, out, qs, nvec):
+    literally(nvec)
+    tile4t(w, ss[0], ss[1], ss[2], ss[3], sstride, src, vb, off, r0, r1, out, qs[0], qs[1],
+           qs[2], qs[3], nvec)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("nvec", [1, 2, 3, 4])
+@pytest.mark.parametrize("r0,r1", [(0, 9), (4, 7), (2, 2)])
+def test_tile4t_matches_numpy(dtype, nvec, r0, r1):
+    rng = np.random.default_rng(nvec * 100 + r1)
+    span = nvec * lanes(np.dtype(dtype))
+    src = rng.standard_normal(400).astype(dtype)
+    off = rng.integers(0, 250, 9).astype(np.int64)
+    ss, sstride, vb = np.array([0, 2, 3, 7]), 11, 9
+    w = rng.standard_normal(8 + 9 * sstride).astype(dtype)
+    qs = np.array([1, 1 + span + 3, 2 * span + 40, 3 * span + 97])
+    out = rng.standard_normal(4 * span + 120).astype(dtype)
+    want = out.copy()
+    for s0, q in zip(ss, qs):
+        for r in range(r0, r1):
+            want[q:q + span] += w[s0 + r * sstride] * src[vb + off[r]:vb + off[r] + span]
+    untouched = np.ones(out.size, bool)
+    for q in qs:
+        untouched[q:q + span] = False
+    before = out.copy()
+    _call_t(w, ss, sstride, src, vb, off, r0, r1, out, qs, nvec)
+    tol = 1e-5 if dtype == np.float32 else 1e-13
+    np.testing.assert_allclose(out, want, rtol=tol, atol=tol)
     np.testing.assert_array_equal(out[untouched], before[untouched])
 
 

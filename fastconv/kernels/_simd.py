@@ -24,10 +24,30 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, register_jitable
 
-__all__ = ["VECTOR_BYTES", "POOL_LANES", "lanes", "tile4", "tile4t", "max_block",
+__all__ = ["VECTOR_BYTES", "TILE_VECTORS", "POOL_LANES", "lanes", "tile4", "tile4t", "max_block",
            "unpool_block"]
 
 VECTOR_BYTES = 64  # one accumulator vector
+
+
+def _tile_vectors():
+    """Vectors of positions per 4-channel register tile for the CPU Numba compiles for: 16
+    accumulators where there are 32 vector registers of VECTOR_BYTES (AVX-512), one elsewhere
+    (with AVX2 one accumulator vector is already two of its 16 registers). Read at import,
+    from what Numba targets (NUMBA_CPU_FEATURES if set), so it matches the compiled code; the
+    on-disk cache is keyed by the same CPU."""
+    from numba.core import config
+    from llvmlite import binding
+
+    features = config.CPU_FEATURES
+    if features is None:
+        if config.CPU_NAME not in (None, "host"):
+            return 1  # a named target (e.g. 'generic' for portable caches): assume the least
+        return 4 if binding.get_host_cpu_features().get("avx512f") else 1
+    return 4 if "+avx512f" in features.split(",") else 1
+
+
+TILE_VECTORS = _tile_vectors()
 
 
 @register_jitable
@@ -46,10 +66,11 @@ def _splat(builder, value, lanes):
                                   ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
 
 
-def _tile_codegen(context, builder, lanes, elem_ty, scalar_at, vector_at, lo, hi, out_p, qs):
-    """The loop both tiles share: for r in [lo, hi), acc_u += splat(*scalar_at(r, u)) *
-    load(vector_at(r)); then out[q_u : q_u + lanes] += acc_u. ``scalar_at`` and ``vector_at``
-    emit the element pointers."""
+def _tile_codegen(context, builder, lanes, elem_ty, scalar_at, vector_at, lo, hi, out_p, qs,
+                  nvec):
+    """The loop both tiles share: for r in [lo, hi), acc_uv += splat(*scalar_at(r, u)) *
+    load(vector_at(r) + v*lanes) for v < nvec; then out[q_u + v*lanes :][:lanes] += acc_uv.
+    ``scalar_at`` and ``vector_at`` emit the element pointers."""
     intp = context.get_value_type(types.intp)
     vty = ir.VectorType(elem_ty, lanes)
     size = context.get_abi_sizeof(elem_ty)
@@ -57,22 +78,32 @@ def _tile_codegen(context, builder, lanes, elem_ty, scalar_at, vector_at, lo, hi
     suffix = f"v{lanes}f{VECTOR_BYTES * 8 // lanes}"
     fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
                                          f"llvm.fma.{suffix}")
-    accs = [cgutils.alloca_once_value(builder, zeros) for _ in range(4)]
+    accs = [[cgutils.alloca_once_value(builder, zeros) for _ in range(nvec)] for _ in qs]
     with cgutils.for_range_slice(builder, lo, hi, ir.Constant(intp, 1), intp=intp) as (r, _):
-        vv = builder.load(builder.bitcast(vector_at(r), vty.as_pointer()), align=size)
-        for u, acc in enumerate(accs):
+        base = vector_at(r)
+        vvs = [builder.load(builder.bitcast(builder.gep(base, [ir.Constant(intp, v * lanes)]),
+                                            vty.as_pointer()), align=size)
+               for v in range(nvec)]
+        for u, row in enumerate(accs):
             av = _splat(builder, builder.load(scalar_at(r, u)), lanes)
-            builder.store(builder.call(fma, [av, vv, builder.load(acc)]), acc)
-    for q, acc in zip(qs, accs):
-        op = builder.bitcast(builder.gep(out_p, [q]), vty.as_pointer())
-        builder.store(builder.fadd(builder.load(op, align=size), builder.load(acc)), op,
-                      align=size)
+            for vv, acc in zip(vvs, row):
+                builder.store(builder.call(fma, [av, vv, builder.load(acc)]), acc)
+    for q, row in zip(qs, accs):
+        for v, acc in enumerate(row):
+            op = builder.bitcast(builder.gep(out_p, [builder.add(q, ir.Constant(intp, v * lanes))]),
+                                 vty.as_pointer())
+            builder.store(builder.fadd(builder.load(op, align=size), builder.load(acc)), op,
+                          align=size)
 
 
 def _float_arrays(*arrays):
     return (all(isinstance(a, types.Array) for a in arrays)
             and len({a.dtype for a in arrays}) == 1
             and arrays[0].dtype in (types.float32, types.float64))
+
+
+def _literal(t, values):
+    return isinstance(t, types.Literal) and t.literal_value in values
 
 
 class _Args:
@@ -95,18 +126,19 @@ class _Args:
 
 
 @intrinsic
-def tile4(typingctx, src, t0, t1, t2, t3, off, r0, r1, w, wb, wstride, out, q0, q1, q2, q3):
-    """For pixels u = 0..3 and lanes l < lanes(src):
+def tile4(typingctx, src, t0, t1, t2, t3, off, r0, r1, w, wb, wstride, out, q0, q1, q2, q3,
+          nvec):
+    """For pixels u = 0..3 and l < nvec * lanes(src):
     ``out[q_u + l] += sum over r in [r0, r1) of src[t_u + off[r]] * w[wb + r*wstride + l]``
-    (channels-last: a vector of output channels per pixel).
+    (channels-last: ``nvec`` vectors of output channels per pixel, a literal 1..4).
 
-    The four accumulators live in vector registers for the whole reduction; every index must
-    be in range (the callers' geometry guarantees it: nothing is checked here).
+    The 4 x nvec accumulators live in vector registers for the whole reduction; every index
+    must be in range (the callers' geometry guarantees it: nothing is checked here).
     """
-    if not _float_arrays(src, w, out):
+    if not (_float_arrays(src, w, out) and _literal(nvec, (1, 2, 3, 4))):
         return None
     n_lanes = VECTOR_BYTES * 8 // src.dtype.bitwidth
-    sig = types.none(src, t0, t1, t2, t3, off, r0, r1, w, wb, wstride, out, q0, q1, q2, q3)
+    sig = types.none(src, t0, t1, t2, t3, off, r0, r1, w, wb, wstride, out, q0, q1, q2, q3, nvec)
 
     def codegen(context, builder, sig, args):
         a = _Args(context, builder, sig, args)
@@ -121,21 +153,24 @@ def tile4(typingctx, src, t0, t1, t2, t3, off, r0, r1, w, wb, wstride, out, q0, 
             return builder.gep(w_p, [builder.add(wb, builder.mul(r, ws))])
 
         _tile_codegen(context, builder, n_lanes, src_p.type.pointee, scalar_at, vector_at,
-                      a.index(6), a.index(7), a.data(11), [a.index(i) for i in (12, 13, 14, 15)])
+                      a.index(6), a.index(7), a.data(11), [a.index(i) for i in (12, 13, 14, 15)],
+                      nvec.literal_value)
         return context.get_dummy_value()
 
     return sig, codegen
 
 
 @intrinsic
-def tile4t(typingctx, w, s0, s1, s2, s3, sstride, src, vb, off, r0, r1, out, q0, q1, q2, q3):
-    """For output channels u = 0..3 and lanes l < lanes(src):
+def tile4t(typingctx, w, s0, s1, s2, s3, sstride, src, vb, off, r0, r1, out, q0, q1, q2, q3,
+           nvec):
+    """For output channels u = 0..3 and l < nvec * lanes(src):
     ``out[q_u + l] += sum over r in [r0, r1) of w[s_u + r*sstride] * src[vb + off[r] + l]``
-    (NCHW: a vector of pixels per output channel), held in registers as `tile4`."""
-    if not _float_arrays(w, src, out):
+    (NCHW: ``nvec`` vectors of pixels per output channel, a literal 1..4), held in registers
+    as `tile4`: each loaded weight feeds ``nvec`` FMAs and each loaded vector 4."""
+    if not (_float_arrays(w, src, out) and _literal(nvec, (1, 2, 3, 4))):
         return None
     n_lanes = VECTOR_BYTES * 8 // src.dtype.bitwidth
-    sig = types.none(w, s0, s1, s2, s3, sstride, src, vb, off, r0, r1, out, q0, q1, q2, q3)
+    sig = types.none(w, s0, s1, s2, s3, sstride, src, vb, off, r0, r1, out, q0, q1, q2, q3, nvec)
 
     def codegen(context, builder, sig, args):
         a = _Args(context, builder, sig, args)
@@ -150,7 +185,8 @@ def tile4t(typingctx, w, s0, s1, s2, s3, sstride, src, vb, off, r0, r1, out, q0,
             return builder.gep(src_p, [builder.add(vb, a.entry(8, r))])
 
         _tile_codegen(context, builder, n_lanes, src_p.type.pointee, scalar_at, vector_at,
-                      a.index(9), a.index(10), a.data(11), [a.index(i) for i in (12, 13, 14, 15)])
+                      a.index(9), a.index(10), a.data(11), [a.index(i) for i in (12, 13, 14, 15)],
+                      nvec.literal_value)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -159,10 +195,6 @@ def tile4t(typingctx, w, s0, s1, s2, s3, sstride, src, vb, off, r0, r1, out, q0,
 #: Windows per `max_block`: one ymm of float32, a ymm pair of float64 (rows of 8 to 24 windows
 #: are common in pools; a wider block would leave more of them to the scalar path).
 POOL_LANES = 8
-
-
-def _literal(t, values):
-    return isinstance(t, types.Literal) and t.literal_value in values
 
 
 @intrinsic

@@ -12,11 +12,13 @@ reads a stride-1 window of one phase plane. Output pixel ``(i, j)`` is then grid
 ``t = i*gw + j`` and each tap ``(c, p, q)`` is a constant offset: ``acc[t] += w * src[off + t]``.
 Flattening rows this way gives one long contiguous loop per tile (the columns ``j >= OW`` are
 computed and dropped). A register tile (fastconv.kernels._simd.tile4t) holds 4 output channels
-x one vector of positions in registers over the whole reduction and stores it once, so each
-loaded input vector feeds 4 FMAs and no accumulator moves until the end; the positions left
-over take a micro-kernel that keeps the 9 weights of a chunk of 9 taps in registers and makes
-one pass over them per chunk. 1x1, 3x3, 5x5 and
-11x11 kernels, dilation and groups differ only in their offset tables.
+x ``NVEC`` vectors of positions in registers over the whole reduction and stores them once
+(16 accumulators with AVX-512's 32 registers, 4 elsewhere), so each loaded input vector feeds
+4 FMAs and each weight NVEC; the last vector of a tile runs past its end rather than leave a
+scalar tail (narrow planes such as 11x11 would spend more there than in the vectors). Where
+that would read past the source, the positions left over take a micro-kernel that keeps the 9
+weights of a chunk of 9 taps in registers and makes one pass over them per chunk. 1x1, 3x3,
+5x5 and 11x11 kernels, dilation and groups differ only in their offset tables.
 
 In the forward pass each work item builds just the grid rows of its tile (all channels its
 output channels read), in cache, right before using them: no padded copy of the whole input
@@ -44,7 +46,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, uint64
 
-from . import NUMBA_CACHE, _parallel, direct_nhwc
+from . import NUMBA_CACHE, _parallel, _simd, direct_nhwc
 from ._numba import cdiv, claim, wide
 from ._simd import lanes, tile4t
 
@@ -54,6 +56,7 @@ TAPS = 9  # taps per micro-kernel pass: one 3x3 kernel, or a chunk of a longer r
 KB = 4  # output channels per forward / grad-input micro-kernel
 KBW = 2  # output channels per grad-weight micro-kernel (2 x 9 accumulators fit the registers)
 TILE = 1024  # target elements per output tile (4 accumulator rows stay in L1)
+NVEC = _simd.TILE_VECTORS  # vectors of positions per register tile, by the CPU's registers
 TILE_LOCAL = 4096  # the same for depthwise tiles, which hold one accumulator row
 
 # FMA contraction only: no assumption about NaN/inf, so NaN and inf propagate as in naive.py.
@@ -322,7 +325,9 @@ def _correlate_item(item, src, offs, wpk, blocks, bias, has_bias, out, gw, nvr, 
     if local:
         lchan = sh * sw * lrows * gw  # a channel's share of the tile grid
         c_lo, c_hi = blocks[b_lo, 2] * cg, (blocks[b_hi - 1, 2] + 1) * cg
-        img = np.empty((c_hi - c_lo) * lchan, dtype=out.dtype)
+        # a vector's slack past the last channel: the last strip may read (and drop) it
+        img = np.empty((c_hi - c_lo) * lchan + 16, dtype=out.dtype)
+        img[(c_hi - c_lo) * lchan:] = 0
         for c in range(c_lo, c_hi):
             _fill_grid(src[n], c * h * w, h, w, img, (c - c_lo) * lchan, pt, pl, sh, sw, r0,
                        lrows, gw)
@@ -336,15 +341,24 @@ def _correlate_item(item, src, offs, wpk, blocks, bias, has_bias, out, gw, nvr, 
                 acc[r, t] = 0
         if nv == 1:
             _mk1(img, offs[grp], wpk[blk], acc, t0, m)
-        else:  # 4 channels x a vector of positions in registers over all taps, then the tail
+        else:  # 4 channels x vectors of positions in registers over all taps, then the tail
             nl = lanes(acc)
-            tv = m // nl * nl
             taps, wts = offs[grp].reshape(-1), wpk[blk].reshape(-1)
+            # the last vector may run past m (into the next row's columns or the slack):
+            # those lanes are computed and dropped, where a scalar tail would cost more than
+            # the vectors on narrow planes
+            mv = cdiv(m, nl) * nl
+            reach = taps.max() if taps.size else 0  # a phase may have no taps
+            tv = mv if t0 + reach + mv <= img.size else m // nl * nl
             accf, aw = acc.reshape(-1), acc.shape[1]
-            for t in range(0, tv, nl):
+            tw = m // (NVEC * nl) * (NVEC * nl)
+            for t in range(0, tw, NVEC * nl):
                 tile4t(wts, 0, 1, 2, 3, KB, img, t0 + t, taps, 0, taps.size, accf, t, aw + t,
-                       2 * aw + t, 3 * aw + t)
-            if tv < m:
+                       2 * aw + t, 3 * aw + t, NVEC)
+            for t in range(tw, tv, nl):
+                tile4t(wts, 0, 1, 2, 3, KB, img, t0 + t, taps, 0, taps.size, accf, t, aw + t,
+                       2 * aw + t, 3 * aw + t, 1)
+            if tv < m:  # only where a full vector would read past the source
                 _mk4(img, offs[grp], wpk[blk], acc[:, tv:], t0 + tv, m - tv)
         for r in range(nv):
             k = k0 + r

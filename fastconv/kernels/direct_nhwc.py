@@ -47,11 +47,13 @@ from numba import njit, uint64
 
 from . import NUMBA_CACHE, _parallel
 from ._numba import cdiv, claim, wide
+from . import _simd
 from ._simd import lanes, tile4
 
 __all__ = ["conv2d_forward", "conv2d_backward"]
 
 KC = 64  # output channels per work item (a row of them is 4 zmm registers of float32)
+NVEC = _simd.TILE_VECTORS  # vectors of channels per register tile (see fastconv.kernels._simd)
 PIXEL_BLOCK = 256  # grad-weight: pixels of grad-output walked while they stay in cache
 RED_BLOCK = 32  # grad-weight: reduction entries per work item
 
@@ -214,10 +216,15 @@ def _correlate_part(src, off, w, bias, out, geom, counter):
         while v + 4 <= nv:
             s0, o0 = s + v * sstep, o + v * ostep
             k0 = 0
-            while k0 + nl <= kc:  # 4 pixels x one vector of channels, in registers
+            while k0 + NVEC * nl <= kc:  # 4 pixels x NVEC vectors of channels, in registers
                 tile4(src, s0, s0 + sstep, s0 + 2 * sstep, s0 + 3 * sstep, off, 0, red, w,
                       koff + k0, ko, out, o0 + k0, o0 + ostep + k0, o0 + 2 * ostep + k0,
-                      o0 + 3 * ostep + k0)
+                      o0 + 3 * ostep + k0, NVEC)
+                k0 += NVEC * nl
+            while k0 + nl <= kc:
+                tile4(src, s0, s0 + sstep, s0 + 2 * sstep, s0 + 3 * sstep, off, 0, red, w,
+                      koff + k0, ko, out, o0 + k0, o0 + ostep + k0, o0 + 2 * ostep + k0,
+                      o0 + 3 * ostep + k0, 1)
                 k0 += nl
             if k0 < kc:
                 _row4(src, s0, sstep, off, 0, red, w, koff + k0, ko, out, o0 + k0, ostep,
@@ -344,10 +351,15 @@ def _grad_weight_part(x, off, g, dw, pix, geom, counter):
             for r in range(r0, rv, 4):
                 f0, f1 = np.int64(off[r]) + gc, np.int64(off[r + 1]) + gc
                 f2, f3 = np.int64(off[r + 2]) + gc, np.int64(off[r + 3]) + gc
-                for k0 in range(0, kv, nl):
+                kw = kv // (NVEC * nl) * (NVEC * nl)
+                for k0 in range(0, kw, NVEC * nl):
                     d = koff + k0
                     tile4(x, f0, f1, f2, f3, pix, p0, p1, g, d, k, dw, r * k + d,
-                          (r + 1) * k + d, (r + 2) * k + d, (r + 3) * k + d)
+                          (r + 1) * k + d, (r + 2) * k + d, (r + 3) * k + d, NVEC)
+                for k0 in range(kw, kv, nl):
+                    d = koff + k0
+                    tile4(x, f0, f1, f2, f3, pix, p0, p1, g, d, k, dw, r * k + d,
+                          (r + 1) * k + d, (r + 2) * k + d, (r + 3) * k + d, 1)
             if rv < r1:
                 _gw_scalar(x, off, rv, r1, g, dw, koff, kc, gc, k, pix, p0, p1)
             if kv < kc and rv > r0:
