@@ -1,8 +1,8 @@
-"""The register-tile micro-kernels (fastconv.kernels._simd.tile4, and tile4t with 1 to 4
-vectors per channel) against NumPy, in both dtypes, on unaligned bases, odd strides and offset
-tables, and an empty reduction; the max-pool block
-(max_block) against a scalar loop, with NaNs and ties; its backward (unpool_block) against
-NumPy, with a NaN gradient and indices outside their windows."""
+"""The register-tile micro-kernels (fastconv.kernels._simd.tile4 and tile4t, with 1 to 4
+vectors per row) against NumPy, in both dtypes, on unaligned bases, odd strides and offset
+tables, and an empty reduction; the max-pool block (max_block) against a scalar loop, with
+NaNs and ties; its backward (unpool_block) against NumPy, with a NaN gradient and indices
+outside their windows."""
 
 import numpy as np
 import pytest

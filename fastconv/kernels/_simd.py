@@ -90,8 +90,8 @@ def _tile_codegen(context, builder, lanes, elem_ty, scalar_at, vector_at, lo, hi
                 builder.store(builder.call(fma, [av, vv, builder.load(acc)]), acc)
     for q, row in zip(qs, accs):
         for v, acc in enumerate(row):
-            op = builder.bitcast(builder.gep(out_p, [builder.add(q, ir.Constant(intp, v * lanes))]),
-                                 vty.as_pointer())
+            at = builder.add(q, ir.Constant(intp, v * lanes))
+            op = builder.bitcast(builder.gep(out_p, [at]), vty.as_pointer())
             builder.store(builder.fadd(builder.load(op, align=size), builder.load(acc)), op,
                           align=size)
 

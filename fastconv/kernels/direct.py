@@ -326,7 +326,7 @@ def _correlate_item(item, src, offs, wpk, blocks, bias, has_bias, out, gw, nvr, 
         lchan = sh * sw * lrows * gw  # a channel's share of the tile grid
         c_lo, c_hi = blocks[b_lo, 2] * cg, (blocks[b_hi - 1, 2] + 1) * cg
         # a vector's slack past the last channel: the last strip may read (and drop) it
-        img = np.empty((c_hi - c_lo) * lchan + 16, dtype=out.dtype)
+        img = np.empty((c_hi - c_lo) * lchan + lanes(out), dtype=out.dtype)
         img[(c_hi - c_lo) * lchan:] = 0
         for c in range(c_lo, c_hi):
             _fill_grid(src[n], c * h * w, h, w, img, (c - c_lo) * lchan, pt, pl, sh, sw, r0,

@@ -45,9 +45,8 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, uint64
 
-from . import NUMBA_CACHE, _parallel
+from . import NUMBA_CACHE, _parallel, _simd
 from ._numba import cdiv, claim, wide
-from . import _simd
 from ._simd import lanes, tile4
 
 __all__ = ["conv2d_forward", "conv2d_backward"]
