@@ -1,6 +1,7 @@
 """The register-tile micro-kernels (fastconv.kernels._simd.tile4 and tile4t, with 1 to 4
 vectors per row) against NumPy, in both dtypes, on unaligned bases, odd strides and offset
-tables, and an empty reduction; the max-pool block (max_block) against a scalar loop, with
+tables, and an empty reduction; the grad-weight sums (dot_taps) against NumPy, with reductions
+that end mid-vector; the max-pool block (max_block) against a scalar loop, with
 NaNs and ties; its backward (unpool_block) against NumPy, with a NaN gradient and indices
 outside their windows."""
 
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 from numba import literally, njit
 
-from fastconv.kernels._simd import POOL_LANES, lanes, max_block, tile4, tile4t, unpool_block
+from fastconv.kernels._simd import (POOL_LANES, dot_taps, lanes, max_block, tile4, tile4t,
+                                    unpool_block)
 
 
 @njit
@@ -75,6 +77,38 @@ def test_tile4t_matches_numpy(dtype, nvec, r0, r1):
     tol = 1e-5 if dtype == np.float32 else 1e-13
     np.testing.assert_allclose(out, want, rtol=tol, atol=tol)
     np.testing.assert_array_equal(out[untouched], before[untouched])
+
+
+@njit
+def _dot_taps(x, xs, offs, g, gs, g0, gp, n_img, n, acc, ntaps, nk):
+    literally(ntaps)
+    literally(nk)
+    dot_taps(x, xs, offs, g, gs, g0, gp, n_img, n, acc, ntaps, nk)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("nk", [1, 2, 3])
+@pytest.mark.parametrize("ntaps,n,n_img", [(9, 37, 3), (4, 16, 1), (1, 8, 2), (9, 100, 2)])
+def test_dot_taps_matches_numpy(dtype, nk, ntaps, n, n_img):
+    nl = lanes(np.dtype(dtype))
+    if n < nl:
+        n = nl
+    rng = np.random.default_rng(nk * 1000 + ntaps * 10 + n)
+    xst, gp, g0 = n + 40, n + 3, 2
+    gst = g0 + nk * gp + 1
+    x = rng.standard_normal((n_img, xst)).astype(dtype)
+    g = rng.standard_normal((n_img, gst)).astype(dtype)
+    offs = rng.integers(0, xst - n + 1, ntaps).astype(np.int64)
+    acc = rng.standard_normal(ntaps * nk * nl).astype(dtype)
+    want = acc.reshape(ntaps, nk, nl).sum(axis=2).astype(np.float64)
+    for j in range(ntaps):
+        for r in range(nk):
+            gr = g[:, g0 + r * gp:g0 + r * gp + n].astype(np.float64)
+            want[j, r] += (gr * x[:, offs[j]:offs[j] + n]).sum()
+    _dot_taps(x, xst, offs, g, gst, g0, gp, n_img, n, acc, ntaps, nk)
+    tol = 1e-4 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(acc.reshape(ntaps, nk, nl).sum(axis=2), want, rtol=tol,
+                               atol=tol * n)
 
 
 @njit

@@ -19,13 +19,15 @@ the cached kernels of the modules that use it; clear their caches after changing
 
 from __future__ import annotations
 
+import functools
+
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, register_jitable
 
-__all__ = ["VECTOR_BYTES", "TILE_VECTORS", "POOL_LANES", "lanes", "tile4", "tile4t", "max_block",
-           "unpool_block"]
+__all__ = ["VECTOR_BYTES", "TILE_VECTORS", "POOL_LANES", "lanes", "tile4", "tile4t", "dot_taps",
+           "max_block", "unpool_block"]
 
 VECTOR_BYTES = 64  # one accumulator vector
 
@@ -187,6 +189,87 @@ def tile4t(typingctx, w, s0, s1, s2, s3, sstride, src, vb, off, r0, r1, out, q0,
         _tile_codegen(context, builder, n_lanes, src_p.type.pointee, scalar_at, vector_at,
                       a.index(9), a.index(10), a.data(11), [a.index(i) for i in (12, 13, 14, 15)],
                       nvec.literal_value)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def dot_taps(typingctx, x, xstride, offs, g, gstride, g0, gplane, n_img, n, acc, ntaps, nk):
+    """Correlation sums for grad-weight: for taps j < ntaps and channels r < nk,
+    ``sum over l of acc[(j*nk + r)*L + l]`` gains (L = lanes(x))
+
+        sum over images i < n_img and t < n of
+            g[i*gstride + g0 + r*gplane + t] * x[i*xstride + offs[j] + t].
+
+    x and g are C-contiguous arrays read flat. The ntaps x nk vector accumulators stay in
+    registers over all images (a reduction of a few hundred positions per image would
+    otherwise spend more on loading and storing them than on FMAs); each image's last partial
+    vector is loaded ending at position n - 1 with the lanes already counted set to zero, so
+    nothing outside [0, n) is read and n must be at least L. ``ntaps`` (1..9) and ``nk`` (1..3)
+    are literals; no index is checked here.
+    """
+    if not (_float_arrays(x, g, acc) and x.layout == g.layout == "C"
+            and _literal(ntaps, range(1, 10)) and _literal(nk, (1, 2, 3))):
+        return None
+    n_lanes = VECTOR_BYTES * 8 // x.dtype.bitwidth
+    n_t, n_k = ntaps.literal_value, nk.literal_value
+    sig = types.none(x, xstride, offs, g, gstride, g0, gplane, n_img, n, acc, ntaps, nk)
+
+    def codegen(context, builder, sig, args):
+        a = _Args(context, builder, sig, args)
+        intp = context.get_value_type(types.intp)
+        x_p, g_p, acc_p = a.data(0), a.data(3), a.data(9)
+        elem = x_p.type.pointee
+        size = context.get_abi_sizeof(elem)
+        vty = ir.VectorType(elem, n_lanes)
+        zeros = ir.Constant(vty, [ir.Constant(elem, 0.0)] * n_lanes)
+        fma = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vty, [vty] * 3),
+            f"llvm.fma.v{n_lanes}f{VECTOR_BYTES * 8 // n_lanes}")
+        const = functools.partial(ir.Constant, intp)
+        offs_v = [a.entry(2, const(j)) for j in range(n_t)]
+        xs, gs, g0_, gp, n_ = a.index(1), a.index(4), a.index(5), a.index(6), a.index(8)
+        accs = [[cgutils.alloca_once_value(builder, zeros) for _ in range(n_k)]
+                for _ in range(n_t)]
+        n_full = builder.udiv(n_, const(n_lanes))
+        tail = builder.sub(n_, const(n_lanes))
+        # lanes of the last vector not yet counted: l >= L - (n - L*n_full)
+        done = builder.sub(const(n_lanes), builder.sub(n_, builder.mul(n_full, const(n_lanes))))
+        lane_ids = ir.Constant(ir.VectorType(intp, n_lanes), list(range(n_lanes)))
+        keep = builder.icmp_signed(">=", lane_ids, _splat(builder, done, n_lanes))
+
+        def load(base, at):
+            ptr = builder.gep(base, [at])
+            return builder.load(builder.bitcast(ptr, vty.as_pointer()), align=size)
+
+        def step(xb, gb, pos, mask):
+            gv = [load(g_p, builder.add(builder.add(gb, builder.mul(gp, const(r))), pos))
+                  for r in range(n_k)]
+            if mask is not None:
+                gv = [builder.select(mask, v, zeros) for v in gv]
+            for j in range(n_t):
+                xv = load(x_p, builder.add(builder.add(xb, offs_v[j]), pos))
+                if mask is not None:
+                    xv = builder.select(mask, xv, zeros)
+                for r in range(n_k):
+                    builder.store(builder.call(fma, [gv[r], xv, builder.load(accs[j][r])]),
+                                  accs[j][r])
+
+        with cgutils.for_range(builder, a.index(7), intp=intp) as img:
+            xb = builder.mul(img.index, xs)
+            gb = builder.add(builder.mul(img.index, gs), g0_)
+            with cgutils.for_range(builder, n_full, intp=intp) as i:
+                step(xb, gb, builder.mul(i.index, const(n_lanes)), None)
+            partial = builder.icmp_signed("<", builder.mul(n_full, const(n_lanes)), n_)
+            with builder.if_then(partial):
+                step(xb, gb, tail, keep)
+        for j in range(n_t):
+            for r in range(n_k):
+                op = builder.bitcast(builder.gep(acc_p, [const((j * n_k + r) * n_lanes)]),
+                                     vty.as_pointer())
+                builder.store(builder.fadd(builder.load(op, align=size),
+                                           builder.load(accs[j][r])), op, align=size)
         return context.get_dummy_value()
 
     return sig, codegen

@@ -27,8 +27,10 @@ the grad-output and, for grad-weight, one of the input.
 
 Grad-input with stride > 1 runs once per output phase ``(h % sh, w % sw)``: each phase is a
 stride-1 correlation of the padded grad-output with the taps that land on it. Grad-weight uses
-the same two grids (their widths are made equal) and reduces over ``t`` with 2 output channels
-x 9 taps of vector accumulators. Stride-1 depthwise backward has a fused kernel that pads one
+the same two grids (their widths are made equal) and reduces over ``t`` and every image with 2
+output channels x 9 taps of vector accumulators held in registers throughout
+(fastconv.kernels._simd.dot_taps): summing each image's few hundred positions into memory would
+cost more loads and stores than FMAs. Stride-1 depthwise backward has a fused kernel that pads one
 plane of the grad-output and of the input locally and computes all three gradients from them.
 
 Channels-last arrays (``spec.layout == "NHWC"``) run the kernels of direct_nhwc.py, which read
@@ -48,7 +50,7 @@ from numba import njit, uint64
 
 from . import NUMBA_CACHE, _parallel, _simd, direct_nhwc
 from ._numba import cdiv, claim, wide
-from ._simd import lanes, tile4t
+from ._simd import dot_taps, lanes, tile4t
 
 __all__ = ["unsupported", "conv2d_forward", "conv2d_backward"]
 
@@ -403,11 +405,23 @@ def _grad_weight_item(item, xsrc, gsrc, offs, widx, blocks, gbase, gplane, n_red
     o = offs[grp, ch]
     sums = np.zeros((TAPS, KBW), dtype=dwflat.dtype)
     g0 = k0 * gplane + gbase
-    for n in range(xsrc.shape[0]):
+    n_img = xsrc.shape[0]
+    if n_red >= lanes(sums):
+        vsums = np.zeros(TAPS * KBW * lanes(sums), dtype=dwflat.dtype)
+        xst, gst = xsrc.shape[1], gsrc.shape[1]
         if nv == 1:
-            _dwk1(xsrc[n], o, gsrc[n], g0, sums, n_red)
+            dot_taps(xsrc, xst, o, gsrc, gst, g0, gplane, n_img, n_red, vsums, TAPS, 1)
         else:
-            _dwk2(xsrc[n], o, gsrc[n], g0, g0 + gplane, sums, n_red)
+            dot_taps(xsrc, xst, o, gsrc, gst, g0, gplane, n_img, n_red, vsums, TAPS, 2)
+        for j in range(TAPS):
+            for r in range(nv):
+                sums[j, r] = vsums[(j * nv + r) * lanes(sums):][:lanes(sums)].sum()
+    else:
+        for n in range(n_img):
+            if nv == 1:
+                _dwk1(xsrc[n], o, gsrc[n], g0, sums, n_red)
+            else:
+                _dwk2(xsrc[n], o, gsrc[n], g0, g0 + gplane, sums, n_red)
     for j in range(TAPS):
         if widx[ch, j] >= 0:
             for r in range(nv):
