@@ -1,0 +1,105 @@
+"""This checkout's kernels against an older commit's, interleaved call by call in one process:
+
+    python tools/ab_kernels.py 49772ed conv keras-c2,vgg-64 bwd-weight
+    python tools/ab_kernels.py HEAD conv vgg-256 fwd
+    python tools/ab_kernels.py 49772ed nets simpleconvnet,digits-quick
+
+On a shared VM the load drifts by 2x over minutes (benchmarks/RESULTS.md, session 6), so runs
+in separate processes compare the load as much as the code. Here the old commit's
+``fastconv/`` is copied under the package name ``fcold`` (its compiled Cython modules taken
+from this checkout, so only commits with the same .pyx files compare; see
+``git diff --stat REV -- fastconv``) and both are called in
+turns. Prints medians and old/new (above 1: this checkout is faster).
+"""
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DIRECTIONS = ("fwd", "bwd", "bwd-weight")
+
+
+def load_old(rev):
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="fcold-"))
+    pkg = tmp / "fcold"
+    shutil.copytree(ROOT / "fastconv", pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    files = subprocess.run(["git", "ls-tree", "-r", "--name-only", rev, "fastconv"], cwd=ROOT,
+                           check=True, capture_output=True, text=True).stdout.split()
+    for name in files:
+        if not name.endswith((".pyx", ".pxd", ".c")):
+            text = subprocess.run(["git", "show", f"{rev}:{name}"], cwd=ROOT, check=True,
+                                  capture_output=True, text=True).stdout
+            # the registry names kernel modules by absolute path
+            (pkg / name[len("fastconv/"):]).write_text(text.replace('"fastconv.', '"fcold.'))
+    sys.path.insert(0, str(tmp))
+    import fcold
+    return fcold
+
+
+def interleave(fa, fb, reps):
+    fa(), fb()
+    ta, tb = [], []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fa()
+        ta.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        fb()
+        tb.append(time.perf_counter() - t)
+    return np.median(ta) * 1e3, np.median(tb) * 1e3
+
+
+def conv(new, old, names, direction="fwd", reps=21):
+    from fastconv.bench import suite
+
+    if direction not in DIRECTIONS:
+        raise SystemExit(f"direction must be one of {DIRECTIONS}")
+    rng = np.random.default_rng(0)
+    for sh in suite.CONV_SHAPES:
+        if sh.name not in names:
+            continue
+        x, w = (rng.standard_normal(s).astype(np.float32) for s in (sh.x_shape, sh.w_shape))
+        g = rng.standard_normal(new.conv2d(x, w, **sh.conf).shape).astype(np.float32)
+        if direction == "fwd":
+            calls = [lambda m=m: m.conv2d(x, w, method="direct", **sh.conf) for m in (new, old)]
+        else:
+            need = dict(need_input=False, need_bias=False) if direction == "bwd-weight" else {}
+            calls = [lambda m=m: m.conv2d_backward(g, x, w, method="direct", **need, **sh.conf)
+                     for m in (new, old)]
+        ms_new, ms_old = interleave(*calls, reps)
+        print(f"{sh.name:14s} {direction} new {ms_new:8.2f} ms  old {ms_old:8.2f} ms  "
+              f"old/new {ms_old / ms_new:5.2f}x", flush=True)
+
+
+def nets(new, old, names, steps=30):
+    import fastconv.bench.nets as net_new
+
+    net_old = sys.modules[old.__name__ + ".bench.nets"]
+    for name in names:
+        a, b = net_new.build(name, "fastconv"), net_old.build(name, "fastconv")
+        for _ in range(3):
+            a.step(), b.step()
+        ms_new, ms_old = interleave(a.step, b.step, steps)
+        print(f"{name:14s} step new {ms_new:8.2f} ms  old {ms_old:8.2f} ms  "
+              f"old/new {ms_old / ms_new:5.2f}x", flush=True)
+
+
+def main(rev, what, names, direction="fwd"):
+    sys.path.insert(0, str(ROOT))
+    import fastconv
+
+    old = load_old(rev)
+    import fcold.bench.nets  # noqa: F401  (for `nets`)
+    if what == "nets":
+        nets(fastconv, old, names.split(","))
+    else:
+        conv(fastconv, old, names.split(","), direction)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
