@@ -70,6 +70,30 @@ def test_backward_on_larger_problems_matches_naive(method, case, dtype):
         np.testing.assert_allclose(a, b, **tol(dtype, red))
 
 
+@pytest.mark.parametrize("method", [p for p in method_params("conv2d_backward")
+                                    if "cuda" not in p.id])
+def test_weight_grad_over_channel_counts_matches_naive(method):
+    """Output channels per group 1-7 (direct splits them into blocks of 1-3 channels), on
+    planes shorter and longer than one vector of positions, float32 against naive float64."""
+    rng = np.random.default_rng(21)
+    checked_any = False
+    for per_group, groups, hw in [(k, 1, hw) for k in range(1, 8) for hw in (5, 14)] + [
+            (4, 2, 14), (7, 2, 5)]:
+        c, k = 2 * groups, per_group * groups
+        x = rng.standard_normal((3, c, hw, hw)).astype(np.float32)
+        w = rng.standard_normal((k, c // groups, 3, 3)).astype(np.float32)
+        conf = dict(groups=groups)
+        if not takes("conv2d_backward", method, x.shape, w.shape, conf):
+            continue
+        g = rng.standard_normal(fc.conv2d(x, w, **conf).shape).astype(np.float32)
+        want = _grads("naive", g.astype(np.float64), x.astype(np.float64),
+                      w.astype(np.float64), conf, need_input=False, need_bias=False)[1]
+        got = _grads(method, g, x, w, conf, need_input=False, need_bias=False)[1]
+        np.testing.assert_allclose(got, want, **tol(np.float32, 3 * (hw - 2) ** 2))
+        checked_any = True
+    assert checked_any
+
+
 @pytest.mark.parametrize("method", method_params("conv2d_backward"))
 def test_need_flags(method):
     case = CONV_CASES[0]
