@@ -147,17 +147,18 @@ def read_table(path) -> tuple[list, object]:
 
 
 def _key(e):
-    return (e["op"], e.get("shape"), e["dtype"], e["device"], e["threads"])
+    return (e["op"], e.get("shape"), e["dtype"], e.get("layout", "NCHW"), e["device"],
+            e["threads"])
 
 
 def merge(old, new):
     """The entries of table ``old`` updated by those of ``new``: a problem measured again (same
-    op, shape, dtype, device, threads) takes its new times, the others stay, so that CPU and GPU
-    runs, on two machines, add up."""
+    op, shape, dtype, layout, device, threads) takes its new times, the others stay, so that
+    CPU and GPU runs, on two machines, add up."""
     fresh = {_key(e) for e in new}
     out = [e for e in old if _key(e) not in fresh] + list(new)
     return sorted(out, key=lambda e: (e["device"], e["op"], e.get("shape") or "", e["dtype"],
-                                      e["threads"]))
+                                      e.get("layout", "NCHW"), e["threads"]))
 
 
 #: Ops whose problems, where the table has none of their own, rank as another op's: a

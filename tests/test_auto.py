@@ -285,6 +285,19 @@ def test_the_shipped_table_is_well_formed():
         assert all(t > 0 for t in e["times"].values())
 
 
+def test_merge_replaces_only_the_same_problem():
+    def entry(shape, t, **kw):
+        e = dict(op="conv2d", shape=shape, dtype="float32", device="cpu", threads=2,
+                 times={"direct": t})
+        return e | kw
+
+    old = [entry("a", 1.0), entry("a", 2.0, layout="NHWC"), entry("a", 3.0, threads=1),
+           entry("b", 4.0)]
+    merged = _policy.merge(old, [entry("a", 5.0), entry("c", 6.0)])
+    times = sorted(e["times"]["direct"] for e in merged)
+    assert times == [2.0, 3.0, 4.0, 5.0, 6.0]  # only the NCHW 2-thread "a" was re-measured
+
+
 # ---------------------------------------------------------------------------------------------
 # the measured mode
 
