@@ -146,9 +146,12 @@ def read_table(path) -> tuple[list, object]:
     return list(data["entries"]), data.get("source")
 
 
+def _layout(e):
+    return e.get("layout", "NCHW")  # entries name only a layout other than NCHW
+
+
 def _key(e):
-    return (e["op"], e.get("shape"), e["dtype"], e.get("layout", "NCHW"), e["device"],
-            e["threads"])
+    return (e["op"], e.get("shape"), e["dtype"], _layout(e), e["device"], e["threads"])
 
 
 def merge(old, new):
@@ -158,7 +161,7 @@ def merge(old, new):
     fresh = {_key(e) for e in new}
     out = [e for e in old if _key(e) not in fresh] + list(new)
     return sorted(out, key=lambda e: (e["device"], e["op"], e.get("shape") or "", e["dtype"],
-                                      e.get("layout", "NCHW"), e["threads"]))
+                                      _layout(e), e["threads"]))
 
 
 #: Ops whose problems, where the table has none of their own, rank as another op's: a
@@ -187,7 +190,7 @@ def rank(op, spec, names, table: Table, threads):
         d = sum((a - b) ** 2 for a, b in zip(f, fe))
         d += 0.0 if e["dtype"] == spec.dtype else 4.0
         d += (_log2(e["threads"]) - _log2(threads)) ** 2
-        d += 0.0 if e.get("layout", "NCHW") == spec.layout else 2.0
+        d += 0.0 if _layout(e) == spec.layout else 2.0
         if d < best_d:
             best, best_d = times, d
     return sorted(best.items(), key=lambda mt: mt[1]) if best else []

@@ -11,6 +11,7 @@ from this checkout, so only commits with the same .pyx files compare; see
 ``git diff --stat REV -- fastconv``) and both are called in
 turns. Prints medians and old/new (above 1: this checkout is faster).
 """
+import importlib
 import pathlib
 import shutil
 import subprocess
@@ -35,23 +36,26 @@ def load_old(rev):
             text = subprocess.run(["git", "show", f"{rev}:{name}"], cwd=ROOT, check=True,
                                   capture_output=True, text=True).stdout
             # the registry names kernel modules by absolute path
-            (pkg / name[len("fastconv/"):]).write_text(text.replace('"fastconv.', '"fcold.'))
+            dest = pkg / name[len("fastconv/"):]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_text(text.replace('"fastconv.', '"fcold.'))
     sys.path.insert(0, str(tmp))
     import fcold
     return fcold
 
 
 def interleave(fa, fb, reps):
+    """Medians (ms) of fa and fb called in turns, who goes first alternating so that neither
+    always follows the other. A commit against itself reads 0.97x-1.04x on the shared VM:
+    differences inside that are noise."""
     fa(), fb()
-    ta, tb = [], []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fa()
-        ta.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        fb()
-        tb.append(time.perf_counter() - t)
-    return np.median(ta) * 1e3, np.median(tb) * 1e3
+    times = {fa: [], fb: []}
+    for i in range(reps):
+        for f in (fa, fb) if i % 2 == 0 else (fb, fa):
+            t = time.perf_counter()
+            f()
+            times[f].append(time.perf_counter() - t)
+    return np.median(times[fa]) * 1e3, np.median(times[fb]) * 1e3
 
 
 def conv(new, old, names, direction="fwd", reps=21):
@@ -79,7 +83,7 @@ def conv(new, old, names, direction="fwd", reps=21):
 def nets(new, old, names, steps=30):
     import fastconv.bench.nets as net_new
 
-    net_old = sys.modules[old.__name__ + ".bench.nets"]
+    net_old = importlib.import_module(old.__name__ + ".bench.nets")
     for name in names:
         a, b = net_new.build(name, "fastconv"), net_old.build(name, "fastconv")
         for _ in range(3):
@@ -94,7 +98,6 @@ def main(rev, what, names, direction="fwd"):
     import fastconv
 
     old = load_old(rev)
-    import fcold.bench.nets  # noqa: F401  (for `nets`)
     if what == "nets":
         nets(fastconv, old, names.split(","))
     else:

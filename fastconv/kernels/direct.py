@@ -575,27 +575,25 @@ def _blocks(n_groups, per_group, kb):
 
     A remainder of one channel gets a 1-channel block; larger remainders a padded full block.
     """
-    rows = []
-    for g in range(n_groups):
-        c = 0
-        while c < per_group:
-            nv = min(kb, per_group - c)
-            rows.append((g * per_group + c, nv, g, c))
-            c += nv
-    return np.array(rows, dtype=np.int64).reshape(-1, 4)
+    rem = per_group % kb
+    return _block_rows(n_groups, per_group, [kb] * (per_group // kb) + [rem] * (rem > 0))
 
 
 def _weight_blocks(n_groups, per_group):
-    """`_blocks` for grad-weight: KBW channels each, a remainder of one taken as 2 + 2 (a
-    1-channel block does 9 FMAs per 10 loads)."""
+    """`_blocks` for grad-weight: KBW channels each, a remainder of one shared with the block
+    before it (3 + 1 as 2 + 2: a 1-channel block does 9 FMAs per 10 loads)."""
+    sizes = [KBW] * (per_group // KBW)
+    rem = per_group % KBW
+    if rem == 1 and sizes:
+        sizes[-1:] = [(KBW + 1) // 2, KBW + 1 - (KBW + 1) // 2]
+    elif rem:
+        sizes.append(rem)
+    return _block_rows(n_groups, per_group, sizes)
+
+
+def _block_rows(n_groups, per_group, sizes):
     rows = []
     for g in range(n_groups):
-        sizes = [KBW] * (per_group // KBW)
-        rem = per_group % KBW
-        if rem == 1 and sizes and KBW == 3:
-            sizes[-1:] = [2, 2]
-        elif rem:
-            sizes.append(rem)
         c = 0
         for nv in sizes:
             rows.append((g * per_group + c, nv, g, c))
