@@ -30,6 +30,11 @@ POOL_CASES = [  # (name, x shape, options, tiny enough for the simulator)
     ("2x2-s1-wide", (1, 2, 5, 21), dict(kernel_size=2, stride=1), False),
     ("3x3-s1-wide", (1, 2, 6, 20), dict(kernel_size=3, stride=1), False),
     ("3x3-s3-ceil-wide", (2, 2, 11, 29), dict(kernel_size=3, ceil_mode=True), False),
+    # rows shorter than a block in many planes: several work items of planes each, the
+    # last plane's last rows at the end of the array
+    ("2x2-short-rows-many-planes", (40, 30, 12, 12), dict(kernel_size=2), False),
+    ("3x3-s1-pad1-short-rows-many-planes", (8, 64, 9, 7), dict(kernel_size=3, stride=1,
+                                                               padding=1), False),
 ]
 
 

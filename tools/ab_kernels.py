@@ -3,6 +3,7 @@
     python tools/ab_kernels.py 49772ed conv keras-c2,vgg-64 bwd-weight
     python tools/ab_kernels.py HEAD conv vgg-256 fwd
     python tools/ab_kernels.py 49772ed nets simpleconvnet,digits-quick
+    python tools/ab_kernels.py HEAD pool pool3-8x96x55,50x30x12x12 bwd float64
 
 On a shared VM the load drifts by 2x over minutes (benchmarks/RESULTS.md, session 6), so runs
 in separate processes compare the load as much as the code. Here the old commit's
@@ -80,6 +81,31 @@ def conv(new, old, names, direction="fwd", reps=21):
               f"old/new {ms_old / ms_new:5.2f}x", flush=True)
 
 
+def pool(new, old, names, direction="fwd", dtype="float32", reps=41):
+    """Max-pool with indices (method "direct"): shapes of the suite by name, or NxCxHxW for a
+    2x2 stride-2 pool of that input (the nets' pools: 50x30x12x12 is digits-quick's)."""
+    from fastconv.bench import suite
+
+    if direction not in ("fwd", "bwd"):
+        raise SystemExit("direction must be fwd or bwd")
+    known = {sh.name: (sh.x_shape, sh.kernel, sh.stride) for sh in suite.POOL_SHAPES}
+    rng = np.random.default_rng(0)
+    for name in names:
+        shape, k, s = known.get(name) or (tuple(int(n) for n in name.split("x")), 2, 2)
+        x = rng.standard_normal(shape).astype(dtype)
+        y, idx = new.max_pool2d(x, k, s, return_indices=True)
+        g = rng.standard_normal(y.shape).astype(dtype)
+        if direction == "fwd":
+            calls = [lambda m=m: m.max_pool2d(x, k, s, return_indices=True, method="direct")
+                     for m in (new, old)]
+        else:
+            calls = [lambda m=m: m.max_pool2d_backward(g, idx, shape, k, s, method="direct")
+                     for m in (new, old)]
+        ms_new, ms_old = interleave(*calls, reps)
+        print(f"{name:14s} {direction} {dtype} new {ms_new:8.3f} ms  old {ms_old:8.3f} ms  "
+              f"old/new {ms_old / ms_new:5.2f}x", flush=True)
+
+
 def nets(new, old, names, steps=30):
     import fastconv.bench.nets as net_new
 
@@ -93,13 +119,15 @@ def nets(new, old, names, steps=30):
               f"old/new {ms_old / ms_new:5.2f}x", flush=True)
 
 
-def main(rev, what, names, direction="fwd"):
+def main(rev, what, names, direction="fwd", dtype="float32"):
     sys.path.insert(0, str(ROOT))
     import fastconv
 
     old = load_old(rev)
     if what == "nets":
         nets(fastconv, old, names.split(","))
+    elif what == "pool":
+        pool(fastconv, old, names.split(","), direction, dtype)
     else:
         conv(fastconv, old, names.split(","), direction)
 

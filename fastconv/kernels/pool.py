@@ -30,48 +30,72 @@ __all__ = ["max_pool2d_forward", "max_pool2d_backward", "avg_pool2d_forward",
 
 
 @njit(cache=NUMBA_CACHE, nogil=True)
-def _pool_rows(xf, pb, of, af, want_idx, rb, drb, o0, do, rows, n, rstep, size, step):
-    """``rows`` rows of n size x size windows lying fully inside, stride step along a row: tap
-    (p, q) of window j of row r is at plane offset rb + r*drb + j*step + p*rstep + q (no
-    dilation along rows), its output at o0 + r*do + j.
+def _pool_rows(xf, pb, hw, planes, of, af, want_idx, rb, drb, o0, do, ohw, rows, n, rstep, size,
+               step, o8, a8):
+    """In each of ``planes`` planes (the first at pb in xf, its outputs at o0 in of; the next
+    hw and ohw further on), ``rows`` rows of n size x size windows lying fully inside, stride
+    step along a row: tap (p, q) of window j of row r is at plane offset rb + r*drb + j*step +
+    p*rstep + q (no dilation along rows), its output at o0 + r*do + j.
 
     Blocks of `POOL_LANES` windows by the vector kernel `max_block` (size and step are
     literals: one specialization each); a row's last block overlaps the one before it
-    (recomputing an output is harmless), so no scalar remainder runs. Rows shorter than a
-    block go window by window. One call does a whole plane: a call per row would cost each
-    row atomic reference counts on the arrays, more than a short row's windows.
+    (recomputing an output is harmless), so no scalar remainder runs. A row shorter than a
+    block (12x12 planes pooled 2x2) is one block all the same, its results put in the scratch
+    ``o8``/``a8`` and its first n copied: the block's other lanes read on into the next rows,
+    which stay inside ``xf`` everywhere but at its very end, where the row goes window by
+    window (scalar code whose selects become branches, mispredicted on about every other tap
+    of random data: 8x slower). One call does many planes: each call costs atomic reference
+    counts on its five arrays, more than a small plane's windows (pooling 12x12 planes took
+    3x longer with a call per plane).
     """
     literally(size)
     literally(step)
     lanes = uint64(POOL_LANES)
     ustep = uint64(step)
-    for r in range(rows):
-        kr = rb + r * drb
-        orow = o0 + r * do
-        if n < lanes:
-            for j in range(n):
-                k0 = kr + j * ustep
-                best = xf[pb + k0]
-                arg = k0
-                for p in range(size):
-                    for q in range(size):
-                        k = k0 + uint64(p) * rstep + uint64(q)
-                        v = xf[pb + k]
-                        if v > best or (v != v and best == best):
-                            best = v
-                            arg = k
-                of[orow + j] = best
+    pb0 = pb
+    # past a block's first tap, its loads end before this (a stride-2 tap loads 2 * lanes)
+    reach = uint64(size - 1) * rstep + uint64(size) + 2 * lanes
+    end = uint64(xf.size)
+    for pl in range(planes):
+        pb = pb0 + pl * hw
+        for r in range(rows):
+            kr = rb + r * drb
+            orow = o0 + pl * ohw + r * do
+            if n < lanes and pb + kr + reach <= end:
                 if want_idx:
-                    af[orow + j] = arg
-            continue
-        j = uint64(0)
-        while j < n:
-            jj = min(j, n - lanes)
-            if want_idx:
-                max_block(xf, pb, kr + jj * ustep, rstep, of, af, orow + jj, size, step, True)
-            else:
-                max_block(xf, pb, kr + jj * ustep, rstep, of, af, orow + jj, size, step, False)
-            j += lanes
+                    max_block(xf, pb, kr, rstep, o8, a8, 0, size, step, True)
+                    for j in range(n):
+                        af[orow + j] = a8[j]
+                else:
+                    max_block(xf, pb, kr, rstep, o8, a8, 0, size, step, False)
+                for j in range(n):
+                    of[orow + j] = o8[j]
+                continue
+            if n < lanes:
+                for j in range(n):
+                    k0 = kr + j * ustep
+                    best = xf[pb + k0]
+                    arg = k0
+                    for p in range(size):
+                        for q in range(size):
+                            k = k0 + uint64(p) * rstep + uint64(q)
+                            v = xf[pb + k]
+                            if v > best or (v != v and best == best):
+                                best = v
+                                arg = k
+                    of[orow + j] = best
+                    if want_idx:
+                        af[orow + j] = arg
+                continue
+            j = uint64(0)
+            while j < n:
+                jj = min(j, n - lanes)
+                k0 = kr + jj * ustep
+                if want_idx:
+                    max_block(xf, pb, k0, rstep, of, af, orow + jj, size, step, True)
+                else:
+                    max_block(xf, pb, k0, rstep, of, af, orow + jj, size, step, False)
+                j += lanes
 
 
 @njit(cache=NUMBA_CACHE, nogil=True)
@@ -121,15 +145,20 @@ def _pool_forward_nchw(x, out, idx, want_idx, kh, kw, sh, sw, ph, pw, dh, dw, pe
     of = out.reshape(-1)
     af = idx.reshape(-1)
     n_planes = x.shape[0] * x.shape[1]
+    o8 = np.empty(POOL_LANES, dtype=xf.dtype)  # a short row's block of results (_pool_rows)
+    a8 = np.empty(POOL_LANES, dtype=np.int64)
     b = claim(counter)
     while b * per < n_planes:
-        for nc in range(b * per, min(n_planes, (b + 1) * per)):
-            _pool_plane(nc, xf, of, af, h, w, oh, ow, want_idx, kh, kw, sh, sw, ph, pw, dh, dw)
+        _pool_planes(b * per, min(n_planes, (b + 1) * per), xf, of, af, h, w, oh, ow, want_idx,
+                     kh, kw, sh, sw, ph, pw, dh, dw, o8, a8)
         b = claim(counter)
 
 
 @njit(cache=NUMBA_CACHE, nogil=True)
-def _pool_plane(nc, xf, of, af, h, w, oh, ow, want_idx, kh, kw, sh, sw, ph, pw, dh, dw):
+def _pool_planes(nc0, nc1, xf, of, af, h, w, oh, ow, want_idx, kh, kw, sh, sw, ph, pw, dh, dw,
+                 o8, a8):
+    """Planes nc0 <= nc < nc1: the windows touching the padding one by one, then the others
+    in one `_pool_rows` call."""
     # windows fully inside: i*sh - ph >= 0 and i*sh - ph + (kh-1)*dh <= h - 1 (likewise j)
     i_lo = min(oh, cdiv(ph, sh))
     i_hi = max(i_lo, min(oh, (h - 1 - (kh - 1) * dh + ph) // sh + 1))
@@ -140,39 +169,47 @@ def _pool_plane(nc, xf, of, af, h, w, oh, ow, want_idx, kh, kw, sh, sw, ph, pw, 
     # 2x2 and 3x3 windows, stride 1 or 2 along rows, no dilation along rows, int32 indices
     fused = kh == kw and (kh == 2 or kh == 3) and (sw == 1 or sw == 2) and dw == 1
     fused = fused and h * w < 2**31
-    pb = uint64(nc * h * w)
-    for i in range(oh):
-        o = nc * oh * ow + i * ow
-        if i < i_lo or i >= i_hi:  # windows touching the padding, clipped
-            for j in range(ow):
-                _win_clipped(xf, pb, of, af, want_idx, o + j, i, j, h, w, kh, kw, sh, sw, ph, pw,
-                             dh, dw)
-            continue
-        for j in range(j_lo):
-            _win_clipped(xf, pb, of, af, want_idx, o + j, i, j, h, w, kh, kw, sh, sw, ph, pw,
-                         dh, dw)
-        for j in range(j_hi, ow):
-            _win_clipped(xf, pb, of, af, want_idx, o + j, i, j, h, w, kh, kw, sh, sw, ph, pw,
-                         dh, dw)
+    clipped = i_lo > 0 or i_hi < oh or j_lo > 0 or j_hi < ow
+    for nc in range(nc0, nc1 if clipped else nc0):
+        pb = uint64(nc * h * w)
+        for i in range(oh):
+            o = nc * oh * ow + i * ow
+            if i < i_lo or i >= i_hi:  # windows touching the padding, clipped
+                for j in range(ow):
+                    _win_clipped(xf, pb, of, af, want_idx, o + j, i, j, h, w, kh, kw, sh, sw,
+                                 ph, pw, dh, dw)
+                continue
+            for j in range(j_lo):
+                _win_clipped(xf, pb, of, af, want_idx, o + j, i, j, h, w, kh, kw, sh, sw, ph,
+                             pw, dh, dw)
+            for j in range(j_hi, ow):
+                _win_clipped(xf, pb, of, af, want_idx, o + j, i, j, h, w, kh, kw, sh, sw, ph,
+                             pw, dh, dw)
     if n_in == 0 or i_hi == i_lo:
         return
+    pb, hw, planes = uint64(nc0 * h * w), uint64(h * w), uint64(nc1 - nc0)
     rb = uint64((i_lo * sh - ph) * w + j_lo * sw - pw)
-    o0 = uint64(nc * oh * ow + i_lo * ow + j_lo)
+    o0, ohw = uint64(nc0 * oh * ow + i_lo * ow + j_lo), uint64(oh * ow)
     rows, drb, do = uint64(i_hi - i_lo), uint64(sh * w), uint64(ow)
     if fused and kh == 2 and sw == 1:  # sizes and strides as literals: see _pool_rows
-        _pool_rows(xf, pb, of, af, want_idx, rb, drb, o0, do, rows, n_in, rstep, 2, 1)
+        _pool_rows(xf, pb, hw, planes, of, af, want_idx, rb, drb, o0, do, ohw, rows, n_in,
+                   rstep, 2, 1, o8, a8)
     elif fused and kh == 2:
-        _pool_rows(xf, pb, of, af, want_idx, rb, drb, o0, do, rows, n_in, rstep, 2, 2)
+        _pool_rows(xf, pb, hw, planes, of, af, want_idx, rb, drb, o0, do, ohw, rows, n_in,
+                   rstep, 2, 2, o8, a8)
     elif fused and sw == 1:
-        _pool_rows(xf, pb, of, af, want_idx, rb, drb, o0, do, rows, n_in, rstep, 3, 1)
+        _pool_rows(xf, pb, hw, planes, of, af, want_idx, rb, drb, o0, do, ohw, rows, n_in,
+                   rstep, 3, 1, o8, a8)
     elif fused:
-        _pool_rows(xf, pb, of, af, want_idx, rb, drb, o0, do, rows, n_in, rstep, 3, 2)
+        _pool_rows(xf, pb, hw, planes, of, af, want_idx, rb, drb, o0, do, ohw, rows, n_in,
+                   rstep, 3, 2, o8, a8)
     else:
         best = np.empty(n_in, dtype=xf.dtype)
         arg = np.empty(n_in, dtype=np.int64)
-        for r in range(rows):
-            _win_any(xf, pb, of, af, want_idx, rb + r * drb, n_in, usw, udw, rstep, o0 + r * do,
-                     kh, kw, best, arg)
+        for pl in range(planes):
+            for r in range(rows):
+                _win_any(xf, pb + pl * hw, of, af, want_idx, rb + r * drb, n_in, usw, udw,
+                         rstep, o0 + pl * ohw + r * do, kh, kw, best, arg)
 
 
 @njit(cache=NUMBA_CACHE, nogil=True)
@@ -189,17 +226,17 @@ def _pool_backward_nchw(g, idx, dx, tile, per, bad, counter):
     df = dx.reshape(-1)
     n_planes = dx.shape[0] * dx.shape[1]
     b = claim(counter)
-    while b * per < n_planes:
-        for nc in range(b * per, min(n_planes, (b + 1) * per)):
-            own = False  # True once _unpool_plane has done the plane
-            if tile == 2:
-                own = _unpool_plane(uint64(nc), gf, af, df, uint64(h), uint64(w), uint64(oh),
-                                    uint64(ow), 2)
-            elif tile == 3:
-                own = _unpool_plane(uint64(nc), gf, af, df, uint64(h), uint64(w), uint64(oh),
-                                    uint64(ow), 3)
-            if not own:
-                bad[nc] = _scatter_plane(uint64(nc), gf, af, df, uint64(h * w), uint64(oh * ow))
+    while b * per < n_planes:  # a call per block of planes: see _pool_rows
+        nc0, nc1 = uint64(b * per), uint64(min(n_planes, (b + 1) * per))
+        if tile == 2:
+            _unpool_planes(nc0, nc1, gf, af, df, uint64(h), uint64(w), uint64(oh), uint64(ow),
+                           2, bad)
+        elif tile == 3:
+            _unpool_planes(nc0, nc1, gf, af, df, uint64(h), uint64(w), uint64(oh), uint64(ow),
+                           3, bad)
+        else:
+            for nc in range(nc0, nc1):
+                bad[nc] = _scatter_plane(nc, gf, af, df, uint64(h * w), uint64(oh * ow))
         b = claim(counter)
 
 
@@ -223,51 +260,54 @@ def _scatter_plane(nc, gf, af, df, plane, outs):
 
 
 @njit(cache=NUMBA_CACHE, nogil=True)
-def _unpool_plane(nc, gf, af, df, h, w, oh, ow, size):
-    """Non-overlapping size x size windows, stride size: the full windows' taps written once
-    (`unpool_block`, eight windows at a time, a row's last block overlapping the one before:
-    writing the same values twice is harmless), the rest of the plane zeroed, then the
-    partial windows that ``ceil_mode`` adds scattered into those zeros. False if a full
-    window's index lies outside it (then the plane must be scattered instead)."""
+def _unpool_planes(nc0, nc1, gf, af, df, h, w, oh, ow, size, bad):
+    """Planes nc0 <= nc < nc1 of non-overlapping size x size windows, stride size: the full
+    windows' taps written once (`unpool_block`, eight windows at a time, a row's last block
+    overlapping the one before: writing the same values twice is harmless), the rest of the
+    plane zeroed, then the partial windows that ``ceil_mode`` adds scattered into those
+    zeros. A plane where a full window's index lies outside it is scattered instead
+    (`_scatter_plane`, which counts the bad indices in ``bad``)."""
     literally(size)
     us = uint64(size)
     lanes = uint64(POOL_LANES)
     ohf, owf = min(oh, h // us), min(ow, w // us)
-    d0, o_pl = nc * h * w, nc * oh * ow
-    own = True
-    for i in range(ohf):
-        o_row = o_pl + i * ow
-        kp_row = i * us * w
-        if owf >= lanes:
-            j = uint64(0)
-            while j < owf:
-                jj = min(j, owf - lanes)
-                own &= unpool_block(gf, af, o_row + jj, df, d0, kp_row + jj * us, w, size)
-                j += lanes
-        else:
-            for j in range(owf):
-                k, gv = uint64(af[o_row + j]), gf[o_row + j]
-                hit = False
-                for p in range(us):
-                    for q in range(us):
-                        pos = kp_row + j * us + p * w + q
-                        hit |= k == pos
-                        df[d0 + pos] = gv if k == pos else 0
-                own &= hit
-        for p in range(us):
-            for c in range(owf * us, w):
-                df[d0 + kp_row + p * w + c] = 0
-    for t in range(ohf * us * w, h * w):
-        df[d0 + t] = 0
-    for i in range(oh):
-        for j in range(owf if i < ohf else 0, ow):
-            o = o_pl + i * ow + j
-            k = uint64(af[o])
-            if k < h * w:
-                df[d0 + k] += gf[o]
+    for nc in range(nc0, nc1):
+        d0, o_pl = nc * h * w, nc * oh * ow
+        own = True
+        for i in range(ohf):
+            o_row = o_pl + i * ow
+            kp_row = i * us * w
+            if owf >= lanes:
+                j = uint64(0)
+                while j < owf:
+                    jj = min(j, owf - lanes)
+                    own &= unpool_block(gf, af, o_row + jj, df, d0, kp_row + jj * us, w, size)
+                    j += lanes
             else:
-                own = False  # the scatter redoes the plane and counts it
-    return own
+                for j in range(owf):
+                    k, gv = uint64(af[o_row + j]), gf[o_row + j]
+                    hit = False
+                    for p in range(us):
+                        for q in range(us):
+                            pos = kp_row + j * us + p * w + q
+                            hit |= k == pos
+                            df[d0 + pos] = gv if k == pos else 0
+                    own &= hit
+            for p in range(us):
+                for c in range(owf * us, w):
+                    df[d0 + kp_row + p * w + c] = 0
+        for t in range(ohf * us * w, h * w):
+            df[d0 + t] = 0
+        for i in range(oh):
+            for j in range(owf if i < ohf else 0, ow):
+                o = o_pl + i * ow + j
+                k = uint64(af[o])
+                if k < h * w:
+                    df[d0 + k] += gf[o]
+                else:
+                    own = False  # the scatter redoes the plane and counts it
+        if not own:
+            bad[nc] = _scatter_plane(nc, gf, af, df, h * w, oh * ow)
 
 
 def _plane_blocks(spec):
