@@ -83,14 +83,19 @@ def conv(new, old, names, direction="fwd", reps=21):
 
 def pool(new, old, names, direction="fwd", dtype="float32", reps=41):
     """Max-pool with indices (method "direct"): shapes of the suite by name, or NxCxHxW for a
-    2x2 stride-2 pool of that input (the nets' pools: 50x30x12x12 is digits-quick's)."""
+    2x2 stride-2 pool of that input (the nets' pools: 50x30x12x12 is digits-quick's); the
+    suite's global average pools (gap-resnet, gap-mobilenet) by name."""
     from fastconv.bench import suite
 
     if direction not in ("fwd", "bwd"):
         raise SystemExit("direction must be fwd or bwd")
     known = {sh.name: (sh.x_shape, sh.kernel, sh.stride) for sh in suite.POOL_SHAPES}
+    boxes = {sh.name: sh for sh in suite.BOX_SHAPES}
     rng = np.random.default_rng(0)
     for name in names:
+        if name in boxes:
+            box(new, old, boxes[name], direction, dtype, reps)
+            continue
         shape, k, s = known.get(name) or (tuple(int(n) for n in name.split("x")), 2, 2)
         x = rng.standard_normal(shape).astype(dtype)
         y, idx = new.max_pool2d(x, k, s, return_indices=True)
@@ -104,6 +109,23 @@ def pool(new, old, names, direction="fwd", dtype="float32", reps=41):
         ms_new, ms_old = interleave(*calls, reps)
         print(f"{name:14s} {direction} {dtype} new {ms_new:8.3f} ms  old {ms_old:8.3f} ms  "
               f"old/new {ms_old / ms_new:5.2f}x", flush=True)
+
+
+def box(new, old, sh, direction, dtype, reps):
+    """Global average pooling (a BoxShape of the suite), method "direct"."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(sh.x_shape).astype(dtype)
+    g = rng.standard_normal(new.adaptive_avg_pool2d(x, sh.output_size).shape).astype(dtype)
+    if direction == "fwd":
+        calls = [lambda m=m: m.adaptive_avg_pool2d(x, sh.output_size, method="direct")
+                 for m in (new, old)]
+    else:
+        calls = [lambda m=m: m.adaptive_avg_pool2d_backward(g, sh.x_shape, sh.output_size,
+                                                            method="direct")
+                 for m in (new, old)]
+    ms_new, ms_old = interleave(*calls, reps)
+    print(f"{sh.name:14s} {direction} {dtype} new {ms_new:8.3f} ms  old {ms_old:8.3f} ms  "
+          f"old/new {ms_old / ms_new:5.2f}x", flush=True)
 
 
 def nets(new, old, names, steps=30):

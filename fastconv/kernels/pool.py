@@ -403,12 +403,21 @@ def _box_window(xf, base, w, rows, cols, i, j):
 
 @njit(cache=NUMBA_CACHE, nogil=True, fastmath=_SUMS)
 def _sum_flat(src, base, n):
-    """sum(src[base:base + n]) in float64."""
+    """sum(src[base:base + n]) in float64, by blocks of 1024 summed in src's dtype: float32
+    vectors hold twice the lanes and need no conversion per element (global pooling of
+    8x64x28x28, cache-resident, 1.4x faster), while each lane of a block adds only a few
+    dozen values (errors of a few float32 ulps, as a float64 sum rounded to float32)."""
     wide()
-    b = uint64(base)
+    b, m = uint64(base), uint64(n)
     total = 0.0
-    for t in range(uint64(n)):
-        total += src[b + t]
+    t0 = uint64(0)
+    while t0 < m:
+        t1 = min(t0 + uint64(1024), m)
+        part = np.float32(0.0)  # float64 when src is: Numba unifies the two
+        for t in range(t0, t1):
+            part += src[b + t]
+        total += part
+        t0 = t1
     return total
 
 
@@ -569,9 +578,50 @@ def _box_backward_nchw(g, dx, rows, cols, row_users, disjoint, inner, counter):
         nc = claim(counter)
 
 
+@njit(cache=NUMBA_CACHE, nogil=True)
+def _global_forward(x, out, div, per, counter):
+    """Global pooling: blocks of ``per`` planes claimed from counter, each plane's sum one flat
+    `_sum_flat` (a claim and a plane per call of the general kernel took twice as long)."""
+    xf, of = x.reshape(-1), out.reshape(-1)
+    n_planes, m = x.shape[0] * x.shape[1], x.shape[2] * x.shape[3]
+    b = claim(counter)
+    while b * per < n_planes:
+        for nc in range(b * per, min(n_planes, (b + 1) * per)):
+            of[nc] = _sum_flat(xf, nc * m, m) / div
+        b = claim(counter)
+
+
+@njit(cache=NUMBA_CACHE, nogil=True)
+def _global_backward(g, dx, div, per, counter):
+    """Global pooling's gradient: each plane filled with its gradient over div."""
+    gf, df = g.reshape(-1), dx.reshape(-1)
+    n_planes, m = dx.shape[0] * dx.shape[1], dx.shape[2] * dx.shape[3]
+    b = claim(counter)
+    while b * per < n_planes:
+        for nc in range(b * per, min(n_planes, (b + 1) * per)):
+            _fill_flat(df, nc * m, m, gf[nc] / div)
+        b = claim(counter)
+
+
+def _global(spec, t):
+    """(planes per work item, divisor) when one window covers each whole plane, else None."""
+    h, w = spec.x_shape[2:]
+    rows, cols = t.rows, t.cols
+    if rows.shape[0] != 1 or cols.shape[0] != 1 or tuple(rows[0, :2]) != (0, h) or tuple(
+            cols[0, :2]) != (0, w):
+        return None
+    return max(1, 16384 // (h * w)), float(rows[0, 2]) * float(cols[0, 2])
+
+
 def avg_pool2d_forward(x, spec):
     t = box_windows(spec)
     out = np.empty(spec.out_shape, dtype=spec.dtype)
+    whole = _global(spec, t)
+    if whole is not None:
+        per, div = whole
+        items = -(-spec.x_shape[0] * spec.x_shape[1] // per)
+        _parallel.run(_global_forward, (x, out, div, per), items, _parallel.box_work_ns(spec))
+        return out
     inner, div = _inner_windows(spec)
     _parallel.run(_box_forward_nchw, (x, out, t.rows, t.cols, inner, div),
                   spec.x_shape[0] * spec.x_shape[1], _parallel.box_work_ns(spec))
@@ -595,6 +645,12 @@ def _inner_windows(spec):
 def avg_pool2d_backward(g, spec):
     t = box_windows(spec)
     dx = np.empty(spec.x_shape, dtype=spec.dtype)
+    whole = _global(spec, t)
+    if whole is not None:
+        per, div = whole
+        items = -(-spec.x_shape[0] * spec.x_shape[1] // per)
+        _parallel.run(_global_backward, (g, dx, div, per), items, _parallel.box_work_ns(spec))
+        return dx
     disjoint = bool((t.row_users[:, 1] - t.row_users[:, 0]).max() <= 1
                     and (t.col_users[:, 1] - t.col_users[:, 0]).max() <= 1)
     inner = _inner_windows(spec)[0]
