@@ -363,9 +363,10 @@ def unpool_block(typingctx, gf, af, o, df, d0, kp, rstep, size):
     """Max-pool backward for `POOL_LANES` windows that tile a row (size x size, stride size):
     the windows' gradients ``gf[o + l]`` go to their argmax positions ``af[o + l]`` (in-plane)
     and zeros to their other taps, writing tap (p, q) of window l at ``df[d0 + kp + l*size +
-    p*rstep + q]`` exactly once; ``kp`` is the first window's in-plane start. Returns whether
-    every index lay in its own window (if not, the caller must scatter those gradients
-    instead: an index may be any position in the plane).
+    p*rstep + q]`` exactly once; ``kp`` is the first window's in-plane start. Returns the
+    lanes whose index lay in its own window, as bits (lane l: bit l); for a lane whose bit is
+    clear the caller must scatter the gradient instead (an index may be any position in the
+    plane).
 
     Write-once, with no read of ``df``: where windows do not overlap this replaces zeroing the
     plane and adding each gradient at its index. Vector compares and selects (bit-exact: the
@@ -380,7 +381,7 @@ def unpool_block(typingctx, gf, af, o, df, d0, kp, rstep, size):
             and _literal(size, (2, 3))):
         return None
     n, k = POOL_LANES, size.literal_value
-    sig = types.boolean(gf, af, o, df, d0, kp, rstep, size)
+    sig = types.int64(gf, af, o, df, d0, kp, rstep, size)
 
     def codegen(context, builder, sig, args):
         a = _Args(context, builder, sig, args)
@@ -428,7 +429,6 @@ def unpool_block(typingctx, gf, af, o, df, d0, kp, rstep, size):
             dst = builder.gep(d_p, [builder.add(base, builder.mul(a.index(6), ir.Constant(
                 base.type, p)))])
             builder.store(row, builder.bitcast(dst, row.type.as_pointer()), align=esize)
-        bits = builder.bitcast(hit, ir.IntType(n))
-        return builder.icmp_unsigned("==", bits, ir.Constant(ir.IntType(n), (1 << n) - 1))
+        return builder.zext(builder.bitcast(hit, ir.IntType(n)), i64)
 
     return sig, codegen
