@@ -1,12 +1,12 @@
-"""Max-pool (Numba, CPU, parallel over (n, c) planes).
+"""Max-pool and average pools (Numba, CPU, parallel over blocks of (n, c) planes).
 
 Inputs are already validated and converted (see fastconv._validate): C-contiguous arrays of
 ``spec.dtype``. Kernels never look at user input beyond that, with one exception: backward
 range-checks the indices itself, as it reads them (registered with ``checks_indices``).
 
 Windows lying fully inside the input run in vector code: 2x2 and 3x3 windows of stride 1 or 2
-along rows eight at a time (fastconv.kernels._simd.max_block: compares and selects in vector
-registers), other sizes tap by tap over a row; windows touching the -inf padding are clipped
+along rows eight at a time, shorter rows too (fastconv.kernels._simd.max_block: compares and
+selects in vector registers), other sizes tap by tap over a row; windows touching the -inf padding are clipped
 one by one, as in naive.py. A candidate replaces the running maximum
 when it is strictly greater (the first maximum wins ties) or when it is the first NaN (NaN
 propagates). Indices are flat positions in the unpadded plane. Backward zeroes each grad-input
@@ -620,24 +620,25 @@ def _global_backward(g, dx, div, per, counter):
         b = claim(counter)
 
 
-def _global(spec, t):
-    """(planes per work item, divisor) when one window covers each whole plane, else None."""
+def _run_global(kernel, src, dst, spec, t):
+    """Run ``kernel`` (`_global_forward` or `_global_backward`) from src into dst if one window
+    covers each whole plane; whether it did."""
     h, w = spec.x_shape[2:]
     rows, cols = t.rows, t.cols
     if rows.shape[0] != 1 or cols.shape[0] != 1 or tuple(rows[0, :2]) != (0, h) or tuple(
             cols[0, :2]) != (0, w):
-        return None
-    return max(1, 16384 // (h * w)), float(rows[0, 2]) * float(cols[0, 2])
+        return False
+    per = max(1, 16384 // (h * w))  # planes per work item
+    div = float(rows[0, 2]) * float(cols[0, 2])
+    _parallel.run(kernel, (src, dst, div, per), -(-spec.x_shape[0] * spec.x_shape[1] // per),
+                  _parallel.box_work_ns(spec))
+    return True
 
 
 def avg_pool2d_forward(x, spec):
     t = box_windows(spec)
     out = np.empty(spec.out_shape, dtype=spec.dtype)
-    whole = _global(spec, t)
-    if whole is not None:
-        per, div = whole
-        items = -(-spec.x_shape[0] * spec.x_shape[1] // per)
-        _parallel.run(_global_forward, (x, out, div, per), items, _parallel.box_work_ns(spec))
+    if _run_global(_global_forward, x, out, spec, t):
         return out
     inner, div = _inner_windows(spec)
     _parallel.run(_box_forward_nchw, (x, out, t.rows, t.cols, inner, div),
@@ -662,11 +663,7 @@ def _inner_windows(spec):
 def avg_pool2d_backward(g, spec):
     t = box_windows(spec)
     dx = np.empty(spec.x_shape, dtype=spec.dtype)
-    whole = _global(spec, t)
-    if whole is not None:
-        per, div = whole
-        items = -(-spec.x_shape[0] * spec.x_shape[1] // per)
-        _parallel.run(_global_backward, (g, dx, div, per), items, _parallel.box_work_ns(spec))
+    if _run_global(_global_backward, g, dx, spec, t):
         return dx
     disjoint = bool((t.row_users[:, 1] - t.row_users[:, 0]).max() <= 1
                     and (t.col_users[:, 1] - t.col_users[:, 0]).max() <= 1)
