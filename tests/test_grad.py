@@ -124,3 +124,32 @@ def test_backward_is_deterministic(method):
     for r in runs[1:]:
         for a, b in zip(r, runs[0]):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_direct_grid_copy_writes_every_element(dtype):
+    """The direct method's padded, phase-split copy (`_pad_planes`, which skips zero-filling)
+    into a destination full of NaN: every element is written, with x's value or zero, as the
+    index arithmetic of `_Grid` says; several work items of planes, strides 1 to 3."""
+    from fastconv.kernels import _parallel, direct
+
+    rng = np.random.default_rng(3)
+    for shape, (pt, pl, sh, sw, hq, gw), per in [((3, 5, 7, 9), (1, 2, 1, 1, 9, 13), 2),
+                                                 ((2, 3, 7, 9), (2, 1, 2, 2, 6, 6), 1),
+                                                 ((1, 2, 5, 5), (0, 0, 3, 2, 2, 3), 4),
+                                                 ((2, 2, 10, 11), (3, 0, 3, 3, 3, 3), 3)]:
+        x = rng.standard_normal(shape).astype(dtype)
+        dst = np.full((*shape[:2], sh, sw, hq, gw), np.nan, dtype)
+        n_planes = shape[0] * shape[1]
+        _parallel.run(direct._pad_planes, (x, dst, pt, pl, sh, sw, hq, gw, per),
+                      -(-n_planes // per), 10**9)
+        want = np.zeros_like(dst)
+        for a in range(sh):
+            for b in range(sw):
+                for u in range(hq):
+                    for v in range(gw):
+                        r, c = u * sh + a - pt, v * sw + b - pl
+                        if 0 <= r < shape[2] and 0 <= c < shape[3]:
+                            want[:, :, a, b, u, v] = x[:, :, r, c]
+        np.testing.assert_array_equal(dst, want)
+        assert direct._padded(x, direct._Grid(pt, pl, sh, sw, hq, gw)).tobytes() == want.tobytes()

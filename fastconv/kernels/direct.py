@@ -760,23 +760,50 @@ def _grad_input_plan(spec, min_gw):
 def _padded(x, grid):
     """The grid copy of x as (N, flat); x itself when the grid adds nothing.
 
-    Plain NumPy: the copy runs at memory speed either way, and one parallel Numba function less
-    saves seconds of compilation per dtype.
+    Each element written once (no zero-fill first), by planes on the pool's threads: NumPy's
+    zeros and strided slice copy, on one thread and through fresh pages, took 6 ms of a 13 ms
+    grad-input (100x30x24x24 float64 into 32x32 planes).
     """
     n, c, h, w = x.shape
     if (grid.pt, grid.pl, grid.sh, grid.sw, grid.hq, grid.gw) == (0, 0, 1, 1, h, w):
         return x.reshape(n, -1)
-    sh, sw, pt, pl = grid.sh, grid.sw, grid.pt, grid.pl
-    dst = np.zeros((n, c, sh, sw, grid.hq, grid.gw), dtype=x.dtype)
-    for a in range(sh):  # grid row u of phase a holds input row u*sh + a - pt
-        u0, u1 = max(0, cdiv(pt - a, sh)), min(grid.hq, cdiv(h + pt - a, sh))
-        for b in range(sw):
-            v0, v1 = max(0, cdiv(pl - b, sw)), min(grid.gw, cdiv(w + pl - b, sw))
-            if u1 > u0 and v1 > v0:
-                r0, c0 = u0 * sh + a - pt, v0 * sw + b - pl
-                dst[:, :, a, b, u0:u1, v0:v1] = x[:, :, r0:r0 + (u1 - u0 - 1) * sh + 1:sh,
-                                                  c0:c0 + (v1 - v0 - 1) * sw + 1:sw]
+    dst = np.empty((n, c, grid.sh, grid.sw, grid.hq, grid.gw), dtype=x.dtype)
+    plane = grid.sh * grid.sw * grid.plane
+    per = max(1, 4096 // plane)  # planes per work item
+    _parallel.run(_pad_planes, (x, dst, grid.pt, grid.pl, grid.sh, grid.sw, grid.hq, grid.gw,
+                                per), cdiv(n * c, per), n * c * plane // 4)
     return dst.reshape(n, -1)
+
+
+@njit(cache=NUMBA_CACHE, nogil=True)
+def _pad_planes(x, dst, pt, pl, sh, sw, hq, gw, per, counter):
+    """Blocks of ``per`` (n, c) planes claimed from counter: grid row u of phase (a, b) holds
+    input row u*sh + a - pt, its column v input column v*sw + b - pl, zero outside the input."""
+    n, c, h, w = x.shape
+    xf, df = x.reshape(-1), dst.reshape(-1)
+    n_planes, plane = n * c, sh * sw * hq * gw
+    blk = claim(counter)
+    while blk * per < n_planes:
+        for p in range(blk * per, min(n_planes, (blk + 1) * per)):
+            for a in range(sh):
+                for b in range(sw):
+                    v0 = min(gw, max(0, cdiv(pl - b, sw)))
+                    v1 = max(v0, min(gw, cdiv(w + pl - b, sw)))
+                    for u in range(hq):
+                        o = uint64(p * plane + ((a * sw + b) * hq + u) * gw)
+                        row = u * sh + a - pt
+                        if row < 0 or row >= h:
+                            for v in range(uint64(gw)):
+                                df[o + v] = 0
+                            continue
+                        for v in range(uint64(v0)):
+                            df[o + v] = 0
+                        src = uint64(p * h * w + row * w + b - pl)
+                        for v in range(uint64(v0), uint64(v1)):
+                            df[o + v] = xf[src + v * uint64(sw)]
+                        for v in range(uint64(v1), uint64(gw)):
+                            df[o + v] = 0
+        blk = claim(counter)
 
 
 def _tiling(n_img, nvr, gw, n_blk):
