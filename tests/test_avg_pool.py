@@ -20,6 +20,10 @@ AVG = [
     dict(kernel_size=2, stride=3, ceil_mode=True),
     dict(kernel_size=(2, 4), stride=1, padding=(0, 2), divisor_override=3),
     dict(kernel_size=(9, 11)),  # global on (N, C, 9, 11)
+    # one window over each whole plane, its divisor counting padding or not, or overridden
+    dict(kernel_size=(11, 13), padding=1),
+    dict(kernel_size=(11, 13), padding=1, count_include_pad=False),
+    dict(kernel_size=(9, 11), divisor_override=5),
 ]
 ADAPTIVE = [1, 2, (3, 4), (5, 1), (9, 11), (4, None), (None, 6), (7, 13), 10]
 
@@ -140,6 +144,35 @@ def test_global_average_pool_is_the_mean():
             continue
         y = fc.adaptive_avg_pool2d(x, 1, method=method)
         np.testing.assert_allclose(y, x.mean(axis=(2, 3), keepdims=True), rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_global_pooling_over_many_planes(dtype):
+    """Planes in several work items (global pooling claims blocks of them), forward and
+    backward, against the references. Each call follows one on the negated input whose result
+    is dropped, so a plane left unwritten would likely hold that result (NumPy reuses the
+    memory) rather than the right one by chance."""
+    rng = np.random.default_rng(8)
+    shape = (40, 50, 5, 7)
+    x = rng.standard_normal(shape).astype(dtype) + 1
+    g = rng.standard_normal((40, 50, 1, 1)).astype(dtype) + 1
+    want = ref_adaptive_avg_pool2d(x, 1)
+    want_dx = np.broadcast_to(g / 35, shape)
+
+    def fresh(f, a, *args, **kw):
+        f(-a, *args, **kw)
+        return f(a, *args, **kw)
+
+    for method in fc.methods("adaptive_avg_pool2d"):
+        if is_cuda(method):
+            continue
+        for got, ref in [(fresh(fc.adaptive_avg_pool2d, x, 1, method=method), want),
+                         (fresh(fc.avg_pool2d, x, (5, 7), method=method), want),
+                         (fresh(fc.adaptive_avg_pool2d_backward, g, shape, 1, method=method),
+                          want_dx),
+                         (fresh(fc.avg_pool2d_backward, g, shape, (5, 7), method=method),
+                          want_dx)]:
+            np.testing.assert_allclose(got, ref, **tol(dtype))
 
 
 def test_empty_batch():
