@@ -59,6 +59,13 @@ def interleave(fa, fb, reps):
     return np.median(times[fa]) * 1e3, np.median(times[fb]) * 1e3
 
 
+def compare(label, calls, reps):
+    """Interleave the (new, old) calls and print their medians and old/new."""
+    ms_new, ms_old = interleave(*calls, reps)
+    print(f"{label} new {ms_new:8.3f} ms  old {ms_old:8.3f} ms  old/new {ms_old / ms_new:5.2f}x",
+          flush=True)
+
+
 def conv(new, old, names, direction="fwd", reps=21):
     from fastconv.bench import suite
 
@@ -76,9 +83,7 @@ def conv(new, old, names, direction="fwd", reps=21):
             need = dict(need_input=False, need_bias=False) if direction == "bwd-weight" else {}
             calls = [lambda m=m: m.conv2d_backward(g, x, w, method="direct", **need, **sh.conf)
                      for m in (new, old)]
-        ms_new, ms_old = interleave(*calls, reps)
-        print(f"{sh.name:14s} {direction} new {ms_new:8.2f} ms  old {ms_old:8.2f} ms  "
-              f"old/new {ms_old / ms_new:5.2f}x", flush=True)
+        compare(f"{sh.name:14s} {direction}", calls, reps)
 
 
 def pool(new, old, names, direction="fwd", dtype="float32", reps=41):
@@ -106,9 +111,7 @@ def pool(new, old, names, direction="fwd", dtype="float32", reps=41):
         else:
             calls = [lambda m=m: m.max_pool2d_backward(g, idx, shape, k, s, method="direct")
                      for m in (new, old)]
-        ms_new, ms_old = interleave(*calls, reps)
-        print(f"{name:14s} {direction} {dtype} new {ms_new:8.3f} ms  old {ms_old:8.3f} ms  "
-              f"old/new {ms_old / ms_new:5.2f}x", flush=True)
+        compare(f"{name:14s} {direction} {dtype}", calls, reps)
 
 
 def box(new, old, sh, direction, dtype, reps):
@@ -123,9 +126,7 @@ def box(new, old, sh, direction, dtype, reps):
         calls = [lambda m=m: m.adaptive_avg_pool2d_backward(g, sh.x_shape, sh.output_size,
                                                             method="direct")
                  for m in (new, old)]
-    ms_new, ms_old = interleave(*calls, reps)
-    print(f"{sh.name:14s} {direction} {dtype} new {ms_new:8.3f} ms  old {ms_old:8.3f} ms  "
-          f"old/new {ms_old / ms_new:5.2f}x", flush=True)
+    compare(f"{sh.name:14s} {direction} {dtype}", calls, reps)
 
 
 def nets(new, old, names, steps=30):
@@ -136,9 +137,7 @@ def nets(new, old, names, steps=30):
         a, b = net_new.build(name, "fastconv"), net_old.build(name, "fastconv")
         for _ in range(3):
             a.step(), b.step()
-        ms_new, ms_old = interleave(a.step, b.step, steps)
-        print(f"{name:14s} step new {ms_new:8.2f} ms  old {ms_old:8.2f} ms  "
-              f"old/new {ms_old / ms_new:5.2f}x", flush=True)
+        compare(f"{name:14s} step", (a.step, b.step), steps)
 
 
 def main(rev, what, names, direction="fwd", dtype="float32"):

@@ -770,6 +770,7 @@ def _padded(x, grid):
     dst = np.empty((n, c, grid.sh, grid.sw, grid.hq, grid.gw), dtype=x.dtype)
     plane = grid.sh * grid.sw * grid.plane
     per = max(1, 4096 // plane)  # planes per work item
+    # a copy: a quarter of a nanosecond per element written, as the pools' estimates
     _parallel.run(_pad_planes, (x, dst, grid.pt, grid.pl, grid.sh, grid.sw, grid.hq, grid.gw,
                                 per), cdiv(n * c, per), n * c * plane // 4)
     return dst.reshape(n, -1)
