@@ -153,3 +153,41 @@ def test_direct_grid_copy_writes_every_element(dtype):
                             want[:, :, a, b, u, v] = x[:, :, r, c]
         np.testing.assert_array_equal(dst, want)
         assert direct._padded(x, direct._Grid(pt, pl, sh, sw, hq, gw)).tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_bias_gradient_over_many_blocks(layout, dtype):
+    """The bias gradient on the thread pool (fastconv.kernels._reduce) over grad-outputs of
+    several work items, with partial last items and, channels-last, row counts that are not a
+    multiple of four; one large enough to run on both threads. Against a float64 NumPy sum, on
+    every CPU method, and bit-identical with one thread and with two."""
+    rng = np.random.default_rng(5)
+    shapes = [(3, 5, 61, 67), (3, 13, 37, 41), (2, 3, 5, 7), (4, 7, 250, 251)]
+    methods = [m for m in fc.methods("conv2d_backward") if not is_cuda(m) and m != "auto"]
+    for shape in shapes:
+        n, k, h, wd = shape
+        x = rng.standard_normal((n, 2, h, wd)).astype(dtype)
+        w = rng.standard_normal((k, 2, 1, 1)).astype(dtype)
+        g = rng.standard_normal(shape).astype(dtype)
+        want = g.astype(np.float64).sum(axis=(0, 2, 3))
+        usable = [m for m in methods if takes("conv2d_backward", m, x.shape, w.shape)]
+        if layout == "NHWC":
+            x, g = x.transpose(0, 2, 3, 1).copy(), g.transpose(0, 2, 3, 1).copy()
+            w = w.transpose(2, 3, 1, 0).copy()
+
+        def bias_grad(method):
+            return fc.conv2d_backward(g, x, w, layout=layout, method=method, need_input=False,
+                                      need_weight=False).grad_bias
+
+        for method in usable:
+            db = [bias_grad(method), bias_grad(method)]
+            before = fc.get_num_threads()
+            fc.set_num_threads(1)
+            try:
+                db.append(bias_grad(method))
+            finally:
+                fc.set_num_threads(before)
+            assert db[0].dtype == dtype and db[0].shape == (k,)
+            np.testing.assert_allclose(db[0], want, **tol(dtype, n * h * wd))
+            assert db[0].tobytes() == db[1].tobytes() == db[2].tobytes(), method

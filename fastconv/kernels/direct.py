@@ -48,7 +48,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, uint64
 
-from . import NUMBA_CACHE, _parallel, _simd, direct_nhwc
+from . import NUMBA_CACHE, _parallel, _reduce, _simd, direct_nhwc
 from ._numba import cdiv, claim, wide
 from ._simd import dot_taps, lanes, tile4t
 
@@ -926,5 +926,5 @@ def conv2d_backward(g, x, w, spec, need_input, need_weight, need_bias):
                                           dw.reshape(-1), cg * r * s),
                       blocks.shape[0] * uniq.shape[0], _parallel.conv_work_ns(spec))
     if need_bias:
-        db = g.sum(axis=(0, 2, 3))  # NumPy's pairwise sum: memory-bound, deterministic
+        db = _reduce.channel_sums(g)
     return dx, dw, db

@@ -14,7 +14,7 @@ GEMM's N dimension, the columns of group ``g`` form the matrix ``cols_g`` of sha
 * forward:      ``Y_g = W_g @ cols_g``, stored as ``out[:, g*Kg:(g+1)*Kg]`` plus the bias;
 * grad-weight:  ``dW_g = G_g @ cols_g.T`` with ``G_g`` the ``(Kg, N*P)`` grad-output of the group;
 * grad-input:   ``dcols_g = W_g.T @ G_g``, then ``dx[:, group] = col2im(dcols_g)``;
-* grad-bias:    ``grad_out.sum(axis=(0, 2, 3))``.
+* grad-bias:    ``grad_out.sum(axis=(0, 2, 3))``, on the thread pool (fastconv.kernels._reduce).
 
 The column matrix is never built whole. Its columns are cut into tiles of ``tile_rows`` output
 rows (``tile_rows*OW`` columns, a buffer of about ``TILE_BYTES``, spanning images where the
@@ -87,7 +87,7 @@ import threading
 
 import numpy as np
 
-from . import _im2col, _parallel, _pool
+from . import _im2col, _parallel, _pool, _reduce
 from ._numba import cdiv as _cdiv
 from ._window import box_windows
 
@@ -261,7 +261,7 @@ def conv2d_backward(g, x, w, spec, need_input, need_weight, need_bias):
                           (g, w.reshape(k, -1), dx, geo, p["chan_block"], p["img_block"]),
                           units, _parallel.conv_work_ns(spec))
     if need_bias:
-        db = g.reshape(spec.x_shape[0], k, -1).sum(axis=2).sum(axis=0)
+        db = _reduce.channel_sums(g)
     return dx, dw, db
 
 

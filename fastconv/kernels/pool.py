@@ -20,8 +20,8 @@ from __future__ import annotations
 import numpy as np
 from numba import int64, literally, njit, uint64
 
-from . import NUMBA_CACHE, IndicesOutsidePlane, _parallel
-from ._numba import cdiv, claim, wide
+from . import NUMBA_CACHE, IndicesOutsidePlane, _parallel, _reduce
+from ._numba import cdiv, claim, sum_flat, wide
 from ._simd import POOL_LANES, max_block, unpool_block
 from ._window import box_windows, window_max
 
@@ -419,26 +419,6 @@ def _box_window(xf, base, w, rows, cols, i, j):
 
 
 @njit(cache=NUMBA_CACHE, nogil=True, fastmath=_SUMS)
-def _sum_flat(src, base, n):
-    """sum(src[base:base + n]) in float64, by blocks of 1024 summed in src's dtype: float32
-    vectors hold twice the lanes and need no conversion per element (global pooling of
-    8x64x28x28, cache-resident, 1.4x faster), while each lane of a block adds only a few
-    dozen values (errors of a few float32 ulps, as a float64 sum rounded to float32)."""
-    wide()
-    b, m = uint64(base), uint64(n)
-    total = 0.0
-    t0 = uint64(0)
-    while t0 < m:
-        t1 = min(t0 + uint64(1024), m)
-        part = np.float32(0.0)  # float64 when src is: Numba unifies the two
-        for t in range(t0, t1):
-            part += src[b + t]
-        total += part
-        t0 = t1
-    return total
-
-
-@njit(cache=NUMBA_CACHE, nogil=True, fastmath=_SUMS)
 def _fill_flat(dst, base, n, v):
     wide()
     b = uint64(base)
@@ -480,7 +460,7 @@ def _box_forward_nchw(x, out, rows, cols, inner, div, counter):
             o = (nc * oh + i) * ow
             if full_rows:  # the window's rows lie one after the other: one flat sum
                 r0, r1 = rows[i, 0], rows[i, 1]
-                of[o] = _sum_flat(xf, base + r0 * w, (r1 - r0) * w) / (rows[i, 2] * col_div[0])
+                of[o] = sum_flat(xf, base + r0 * w, (r1 - r0) * w) / (rows[i, 2] * col_div[0])
                 continue
             if i0 <= i < i1 and n_in > 0:
                 for j in range(j0):
@@ -508,7 +488,7 @@ def _box_forward_nchw(x, out, rows, cols, inner, div, counter):
             for r in range(rows[i, 0], rows[i, 1]):
                 _add_row(acc, xf, base + r * w, w)
             for j in range(ow):
-                tot[j] = _sum_flat(acc, cols[j, 0], cols[j, 1] - cols[j, 0])
+                tot[j] = sum_flat(acc, cols[j, 0], cols[j, 1] - cols[j, 0])
             _divide_row(of, o, tot, float(rows[i, 2]), col_div, ow)
         nc = claim(counter)
 
@@ -596,20 +576,6 @@ def _box_backward_nchw(g, dx, rows, cols, row_users, disjoint, inner, counter):
 
 
 @njit(cache=NUMBA_CACHE, nogil=True)
-def _global_forward(x, out, div, per, counter):
-    """Global pooling: blocks of ``per`` planes claimed from counter, each plane's sum one flat
-    `_sum_flat` (the general kernel took twice as long with a claim per plane, and still 5-30%
-    longer, forward and backward, with blocks of planes: its per-plane checks)."""
-    xf, of = x.reshape(-1), out.reshape(-1)
-    n_planes, m = x.shape[0] * x.shape[1], x.shape[2] * x.shape[3]
-    b = claim(counter)
-    while b * per < n_planes:
-        for nc in range(b * per, min(n_planes, (b + 1) * per)):
-            of[nc] = _sum_flat(xf, nc * m, m) / div
-        b = claim(counter)
-
-
-@njit(cache=NUMBA_CACHE, nogil=True)
 def _global_backward(g, dx, div, per, counter):
     """Global pooling's gradient: each plane filled with its gradient over div."""
     gf, df = g.reshape(-1), dx.reshape(-1)
@@ -621,25 +587,27 @@ def _global_backward(g, dx, div, per, counter):
         b = claim(counter)
 
 
-def _run_global(kernel, src, dst, spec, t):
-    """Run ``kernel`` (`_global_forward` or `_global_backward`) from src into dst if one window
-    covers each whole plane; whether it did."""
+def _global_divisor(spec, t):
+    """The divisor of global pooling if one window covers each whole plane (adaptive or not,
+    padding and divisor_override included), else None: then the planes' sums
+    (fastconv.kernels._reduce) and fills replace the general kernels, which took twice as
+    long with a claim per plane and still 5-30% longer with blocks of planes (their per-plane
+    checks)."""
     h, w = spec.x_shape[2:]
     rows, cols = t.rows, t.cols
     if rows.shape[0] != 1 or cols.shape[0] != 1 or tuple(rows[0, :2]) != (0, h) or tuple(
             cols[0, :2]) != (0, w):
-        return False
-    per = max(1, 16384 // (h * w))  # planes per work item
-    div = float(rows[0, 2]) * float(cols[0, 2])
-    _parallel.run(kernel, (src, dst, div, per), -(-spec.x_shape[0] * spec.x_shape[1] // per),
-                  _parallel.box_work_ns(spec))
-    return True
+        return None
+    return float(rows[0, 2]) * float(cols[0, 2])
 
 
 def avg_pool2d_forward(x, spec):
     t = box_windows(spec)
     out = np.empty(spec.out_shape, dtype=spec.dtype)
-    if _run_global(_global_forward, x, out, spec, t):
+    div = _global_divisor(spec, t)
+    if div is not None:
+        _reduce.plane_sums(x.reshape(-1), spec.x_shape[2] * spec.x_shape[3], out.reshape(-1),
+                           div)
         return out
     inner, div = _inner_windows(spec)
     _parallel.run(_box_forward_nchw, (x, out, t.rows, t.cols, inner, div),
@@ -664,7 +632,11 @@ def _inner_windows(spec):
 def avg_pool2d_backward(g, spec):
     t = box_windows(spec)
     dx = np.empty(spec.x_shape, dtype=spec.dtype)
-    if _run_global(_global_backward, g, dx, spec, t):
+    div = _global_divisor(spec, t)
+    if div is not None:
+        per = max(1, _reduce.BLOCK // (spec.x_shape[2] * spec.x_shape[3]))  # planes per item
+        _parallel.run(_global_backward, (g, dx, div, per),
+                      -(-spec.x_shape[0] * spec.x_shape[1] // per), _parallel.box_work_ns(spec))
         return dx
     disjoint = bool((t.row_users[:, 1] - t.row_users[:, 0]).max() <= 1
                     and (t.col_users[:, 1] - t.col_users[:, 0]).max() <= 1)
