@@ -176,3 +176,26 @@ def test_direct_reads_channels_last_without_transposing(monkeypatch):
     with pytest.raises(pytest.fail.Exception, match="was transposed"):
         fc.conv2d(x, w, padding=1, layout="NHWC", method="naive")
     _registry._adapted.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_layout_transposes_match_numpy(dtype):
+    """`to_nchw` / `to_nhwc` (the adapter's transposes: blocks transposed in registers on the
+    thread pool, edges element by element) against NumPy's, on shapes whose pixel and channel
+    counts are and are not multiples of the lanes, span several work items, or are 1 (then a
+    view); one large enough to run on both threads. The source is never modified."""
+    from fastconv.kernels import layout
+
+    rng = np.random.default_rng(41)
+    shapes = [(2, 17, 19, 33), (3, 23, 29, 40), (1, 16, 16, 16), (2, 300, 1, 17), (2, 5, 7, 3),
+              (3, 4, 5, 1), (2, 1, 1, 9), (16, 26, 26, 64), (0, 3, 4, 5)]
+    for n, h, w, c in shapes:
+        a = rng.standard_normal((n, h, w, c)).astype(dtype)
+        before = a.copy()
+        t = layout.to_nchw(a)
+        assert t.flags.c_contiguous and t.dtype == dtype
+        np.testing.assert_array_equal(t, a.transpose(0, 3, 1, 2))
+        back = layout.to_nhwc(t)
+        assert back.flags.c_contiguous
+        np.testing.assert_array_equal(back, a)
+        np.testing.assert_array_equal(a, before)

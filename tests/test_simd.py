@@ -3,14 +3,14 @@ vectors per row) against NumPy, in both dtypes, on unaligned bases, odd strides 
 tables, and an empty reduction; the grad-weight sums (dot_taps) against NumPy, with reductions
 that end mid-vector; the max-pool block (max_block) against a scalar loop, with
 NaNs and ties; its backward (unpool_block) against NumPy, with a NaN gradient and indices
-outside their windows."""
+outside their windows; the register transpose (transpose_block) against NumPy."""
 
 import numpy as np
 import pytest
 from numba import literally, njit
 
 from fastconv.kernels._simd import (POOL_LANES, dot_taps, lanes, max_block, tile4, tile4t,
-                                    unpool_block)
+                                    transpose_block, unpool_block)
 
 
 @njit
@@ -175,3 +175,25 @@ def test_unpool_block_writes_each_tap_once(dtype, size, stray):
                 want[d0 + pos] = g[o + lane] if idx[o + lane] == pos else 0
     np.testing.assert_array_equal(df, want)
     assert hits == (1 << POOL_LANES) - 1 - ((1 << 5) if stray else 0)
+
+
+@njit
+def _transpose(src, s0, ss, dst, d0, ds):
+    transpose_block(src, s0, ss, dst, d0, ds)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_transpose_block_matches_numpy(dtype):
+    """One lanes x lanes block, at unaligned bases and strides wider than the block; nothing
+    outside the destination block is written."""
+    n = lanes(np.dtype(dtype))
+    rng = np.random.default_rng(8)
+    src = rng.standard_normal(2000).astype(dtype)
+    for s0, ss, d0, ds in [(3, 21, 5, 19), (0, n, 0, n), (7, 40, 1, 33)]:
+        dst = np.full(1600, np.nan, dtype)
+        _transpose(src, s0, ss, dst, d0, ds)
+        want = np.full_like(dst, np.nan)
+        for p in range(n):
+            for q in range(n):
+                want[d0 + q * ds + p] = src[s0 + p * ss + q]
+        np.testing.assert_array_equal(dst, want)

@@ -27,7 +27,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, register_jitable
 
 __all__ = ["VECTOR_BYTES", "TILE_VECTORS", "POOL_LANES", "lanes", "tile4", "tile4t", "dot_taps",
-           "max_block", "unpool_block"]
+           "max_block", "unpool_block", "transpose_block"]
 
 VECTOR_BYTES = 64  # one accumulator vector
 
@@ -430,5 +430,51 @@ def unpool_block(typingctx, gf, af, o, df, d0, kp, rstep, size):
                 base.type, p)))])
             builder.store(row, builder.bitcast(dst, row.type.as_pointer()), align=esize)
         return builder.zext(builder.bitcast(hit, ir.IntType(n)), i64)
+
+    return sig, codegen
+
+
+@intrinsic
+def transpose_block(typingctx, src, s0, sstride, dst, d0, dstride):
+    """``dst[d0 + q*dstride + p] = src[s0 + p*sstride + q]`` for p, q < L = lanes(src): one
+    L x L block (16 x 16 float32, 8 x 8 float64) loaded as L rows, transposed in registers,
+    stored as L rows. The shuffles swap the off-diagonal h x h blocks of every 2h x 2h block
+    for h = L/2, ..., 1 (2 L log2(L) shuffles in all), where a scalar loop moves an element
+    every few cycles. No index is checked here."""
+    if not (_float_arrays(src, dst)):
+        return None
+    n = VECTOR_BYTES * 8 // src.dtype.bitwidth
+    sig = types.none(src, s0, sstride, dst, d0, dstride)
+
+    def codegen(context, builder, sig, args):
+        a = _Args(context, builder, sig, args)
+        s_p, d_p = a.data(0), a.data(3)
+        elem = s_p.type.pointee
+        size = context.get_abi_sizeof(elem)
+        vty = ir.VectorType(elem, n)
+        intp = a.index(1).type
+        s0_, ss, d0_, ds = a.index(1), a.index(2), a.index(4), a.index(5)
+
+        def at(p, base, stride, row):
+            off = builder.add(base, builder.mul(stride, ir.Constant(intp, row)))
+            return builder.bitcast(builder.gep(p, [off]), vty.as_pointer())
+
+        rows = [builder.load(at(s_p, s0_, ss, r), align=size) for r in range(n)]
+        h = n // 2
+        while h >= 1:
+            low = [lane if lane & h == 0 else n + lane - h for lane in range(n)]
+            high = [lane + h if lane & h == 0 else n + lane for lane in range(n)]
+            for i in range(n):
+                if i & h:
+                    continue
+                j = i + h
+                ri, rj = rows[i], rows[j]
+                mask = ir.VectorType(ir.IntType(32), n)
+                rows[i] = builder.shuffle_vector(ri, rj, ir.Constant(mask, low))
+                rows[j] = builder.shuffle_vector(ri, rj, ir.Constant(mask, high))
+            h //= 2
+        for q in range(n):
+            builder.store(rows[q], at(d_p, d0_, ds, q), align=size)
+        return context.get_dummy_value()
 
     return sig, codegen

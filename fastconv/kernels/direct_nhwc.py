@@ -45,7 +45,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, uint64
 
-from . import NUMBA_CACHE, _parallel, _simd
+from . import NUMBA_CACHE, _parallel, _reduce, _simd
 from ._numba import cdiv, claim, wide
 from ._simd import lanes, tile4
 
@@ -515,13 +515,12 @@ def _grad_input_nchw(g, w, spec):
     """Grad-input of a layer with fewer input channels per group than one vector holds (a
     first layer): the channels-last kernel would vectorize over those few channels, so this
     transposes the grad-output and runs direct's NCHW kernel, which vectorizes over pixels."""
-    from . import direct
+    from . import direct, layout
 
-    gn = np.ascontiguousarray(g.transpose(0, 3, 1, 2))
     wn = np.ascontiguousarray(w.transpose(3, 2, 0, 1))
-    dx = direct.conv2d_backward(gn, None, wn, spec._replace(layout="NCHW"), True, False,
-                                False)[0]
-    return np.ascontiguousarray(dx.transpose(0, 2, 3, 1))
+    dx = direct.conv2d_backward(layout.to_nchw(g), None, wn, spec._replace(layout="NCHW"), True,
+                                False, False)[0]
+    return layout.to_nhwc(dx)
 
 
 def conv2d_backward(g, x, w, spec, need_input, need_weight, need_bias):
@@ -530,5 +529,5 @@ def conv2d_backward(g, x, w, spec, need_input, need_weight, need_bias):
     else:
         dx = _grad_input(g, w, spec) if need_input else None
     dw = _grad_weight(g, x, spec) if need_weight else None
-    db = g.sum(axis=(0, 1, 2)) if need_bias else None
+    db = _reduce.channel_sums(g, channels_last=True) if need_bias else None
     return dx, dw, db
