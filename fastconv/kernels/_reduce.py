@@ -33,29 +33,32 @@ def _plane_sums(src, m, out, div, per, counter):
 
 
 @njit(cache=NUMBA_CACHE, nogil=True, fastmath={"reassoc", "contract"})
-def _add_rows(src, r0, r1, k, acc, part, p0):
-    """part[p0:p0 + k] = the sum of rows r0 <= r < r1 of src (rows of k), in float64. Four
-    rows at a time are added in registers, in src's dtype, to ``acc`` (k elements of it), which
-    goes to part once: accumulating each row into memory, in float64, was bound by the latency
-    of that load, add and store (and by the conversions), 1.5-3x slower, and no faster on two
-    threads than on one."""
+def _add_rows(src, r0, r1, k, q, acc, part, p0):
+    """part[p0:p0 + k] = the sum of rows r0 <= r < r1 of src (rows of k), in float64. q rows
+    at a time are one vector loop of q*k >= 256 elements into ``acc`` (q*k of src's dtype),
+    whose q rows go to part at the end: a loop over one row of a few dozen channels was
+    shorter than the vectorized loop's step and ran scalar, and accumulating in float64 was
+    bound by the conversions and the accumulator's load-add-store latency."""
     wide()
-    n, kk, b = uint64(k), uint64(k), uint64(p0)
-    for j in range(n):
+    m, kk = uint64(q * k), uint64(k)
+    for j in range(m):
         acc[j] = 0.0
     r = r0
-    while r + 4 <= r1:
+    while r + q <= r1:
         s = uint64(r * k)
-        for j in range(n):
-            acc[j] += (src[s + j] + src[s + kk + j]) + (src[s + 2 * kk + j] + src[s + 3 * kk + j])
-        r += 4
+        for j in range(m):
+            acc[j] += src[s + j]
+        r += q
     while r < r1:
         s = uint64(r * k)
-        for j in range(n):
+        for j in range(kk):
             acc[j] += src[s + j]
         r += 1
-    for j in range(n):
-        part[b + j] = acc[j]
+    for j in range(kk):
+        total = 0.0
+        for i in range(q):
+            total += acc[uint64(i) * kk + j]
+        part[uint64(p0) + j] = total
 
 
 @njit(cache=NUMBA_CACHE, nogil=True)
@@ -63,10 +66,11 @@ def _row_sums(src, k, rows, part, counter):
     """Row ``b`` of part (n_items x k, flat): the sum of src's rows b*rows .. (b+1)*rows - 1."""
     n_rows = src.size // k
     n_items = part.size // k
-    acc = np.empty(k, dtype=src.dtype)
+    q = cdiv(256, k)
+    acc = np.empty(q * k, dtype=src.dtype)
     b = claim(counter)
     while b < n_items:
-        _add_rows(src, b * rows, min(n_rows, (b + 1) * rows), k, acc, part, b * k)
+        _add_rows(src, b * rows, min(n_rows, (b + 1) * rows), k, q, acc, part, b * k)
         b = claim(counter)
 
 
