@@ -2,6 +2,7 @@
 
     python tools/ab_kernels.py 49772ed conv keras-c2,vgg-64 bwd-weight
     python tools/ab_kernels.py HEAD conv vgg-256 fwd
+    python tools/ab_kernels.py 56af79b conv keras-c1,cifar-c1 bwd float32 im2col NHWC
     python tools/ab_kernels.py 49772ed nets simpleconvnet,digits-quick
     python tools/ab_kernels.py HEAD pool pool3-8x96x55,50x30x12x12 bwd float64
 
@@ -66,24 +67,31 @@ def compare(label, calls, reps):
           flush=True)
 
 
-def conv(new, old, names, direction="fwd", reps=21):
+def conv(new, old, names, direction="fwd", dtype="float32", method="direct", layout="NCHW",
+         reps=21):
+    """Conv2d of the suite's shapes by name; channels-last arrays (HWIO filters) with
+    ``layout="NHWC"``."""
     from fastconv.bench import suite
 
     if direction not in DIRECTIONS:
         raise SystemExit(f"direction must be one of {DIRECTIONS}")
     rng = np.random.default_rng(0)
+    opts = dict(method=method, layout=layout)
     for sh in suite.CONV_SHAPES:
         if sh.name not in names:
             continue
-        x, w = (rng.standard_normal(s).astype(np.float32) for s in (sh.x_shape, sh.w_shape))
-        g = rng.standard_normal(new.conv2d(x, w, **sh.conf).shape).astype(np.float32)
+        x, w = (rng.standard_normal(s).astype(dtype) for s in (sh.x_shape, sh.w_shape))
+        g = rng.standard_normal(new.conv2d(x, w, **sh.conf).shape).astype(dtype)
+        if layout == "NHWC":
+            x, g = (np.ascontiguousarray(a.transpose(0, 2, 3, 1)) for a in (x, g))
+            w = np.ascontiguousarray(w.transpose(2, 3, 1, 0))
         if direction == "fwd":
-            calls = [lambda m=m: m.conv2d(x, w, method="direct", **sh.conf) for m in (new, old)]
+            calls = [lambda m=m: m.conv2d(x, w, **opts, **sh.conf) for m in (new, old)]
         else:
             need = dict(need_input=False, need_bias=False) if direction == "bwd-weight" else {}
-            calls = [lambda m=m: m.conv2d_backward(g, x, w, method="direct", **need, **sh.conf)
+            calls = [lambda m=m: m.conv2d_backward(g, x, w, **opts, **need, **sh.conf)
                      for m in (new, old)]
-        compare(f"{sh.name:14s} {direction}", calls, reps)
+        compare(f"{sh.name:14s} {direction} {dtype} {method} {layout}", calls, reps)
 
 
 def pool(new, old, names, direction="fwd", dtype="float32", reps=41):
@@ -140,7 +148,7 @@ def nets(new, old, names, steps=30):
         compare(f"{name:14s} step", (a.step, b.step), steps)
 
 
-def main(rev, what, names, direction="fwd", dtype="float32"):
+def main(rev, what, names, direction="fwd", dtype="float32", *conv_options):
     sys.path.insert(0, str(ROOT))
     import fastconv
 
@@ -150,7 +158,7 @@ def main(rev, what, names, direction="fwd", dtype="float32"):
     elif what == "pool":
         pool(fastconv, old, names.split(","), direction, dtype)
     else:
-        conv(fastconv, old, names.split(","), direction)
+        conv(fastconv, old, names.split(","), direction, dtype, *conv_options)
 
 
 if __name__ == "__main__":
