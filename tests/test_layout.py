@@ -199,3 +199,57 @@ def test_layout_transposes_match_numpy(dtype):
         assert back.flags.c_contiguous
         np.testing.assert_array_equal(back, a)
         np.testing.assert_array_equal(a, before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("x_shape,w_shape,conf", [
+    ((2, 5, 6, 11), (70, 5, 3, 3), dict(padding=1)),  # 64 + 6 channels, 4 + 4 + 3 pixels
+    ((2, 1, 12, 12), (30, 1, 5, 5), {}),  # lenet-like: 30 channels, 8 pixels a row
+    ((2, 3, 9, 13), (40, 3, 3, 3), dict(stride=2)),  # 40 channels, 6 pixels a row
+    ((2, 72, 5, 9), (72, 1, 3, 3), dict(padding=1, groups=72)),  # depthwise: 64 + 8, 9 pixels
+    ((2, 64, 9, 10), (64, 1, 3, 3), dict(padding=1, stride=2, groups=64)),
+], ids=["k70", "k30", "k40-s2", "dw72", "dw64-s2"])
+def test_direct_nhwc_register_tiles_match_naive(x_shape, w_shape, conf, dtype):
+    """direct's channels-last register tiles where channels and pixels are not multiples of
+    a tile (the last group of 4 pixels and the last vector of channels overlap the tiles
+    before them, computed again in a scratch tile and not stored twice) and depthwise tiles
+    of 4 pixels x up to 4 vectors of channels: forward and all gradients against naive."""
+    rng = np.random.default_rng(42)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    b = rng.standard_normal(w_shape[0]).astype(dtype)
+    y = fc.conv2d(x, w, b, **conf, method="naive")
+    g = rng.standard_normal(y.shape).astype(dtype)
+    want = fc.conv2d_backward(g, x, w, **conf, method="naive")
+    got_y = fc.conv2d(nhwc(x), hwio(w), b, **conf, layout="NHWC", method="direct")
+    got = fc.conv2d_backward(nhwc(g), nhwc(x), hwio(w), **conf, layout="NHWC", method="direct")
+    red = int(np.prod(w_shape[1:]))
+    np.testing.assert_allclose(got_y.transpose(X_OUT), y, **tol(dtype, red))
+    np.testing.assert_allclose(got.grad_input.transpose(X_OUT), want.grad_input,
+                               **tol(dtype, red * 4))
+    np.testing.assert_allclose(got.grad_weight.transpose(W_OUT), want.grad_weight,
+                               **tol(dtype, g.size // g.shape[1]))
+    np.testing.assert_allclose(got.grad_bias, want.grad_bias, **tol(dtype, g.size // g.shape[1]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_direct_nhwc_padded_copy_writes_every_element(dtype):
+    """direct's channels-last zero-padded copy (written once by rows, with no zero-fill first)
+    into fresh memory: padding and cropping (negative amounts) on each side, against NumPy."""
+    from fastconv.kernels import direct_nhwc
+
+    rng = np.random.default_rng(43)
+    for shape in [(2, 5, 7, 3), (1, 4, 4, 16), (3, 9, 11, 5)]:
+        a = rng.standard_normal(shape).astype(dtype)
+        n, h, w, c = shape
+        for top, bottom, left, right in [(1, 1, 1, 1), (2, 0, 0, 3), (-1, 2, 1, -2),
+                                         (0, 0, 2, 0), (-2, -1, -3, -1), (3, 3, -4, 2),
+                                         (1, -3, 0, 0)]:
+            want = np.zeros((n, h + top + bottom, w + left + right, c), dtype)
+            src = a[:, max(0, -top):h + min(0, bottom), max(0, -left):w + min(0, right)]
+            want[:, max(0, top):max(0, top) + src.shape[1],
+                 max(0, left):max(0, left) + src.shape[2]] = src
+            np.full(want.shape, np.nan, dtype)  # freed: the copy's memory likely held NaN
+            got = direct_nhwc._pad(a, top, bottom, left, right)
+            assert got.dtype == dtype
+            np.testing.assert_array_equal(got, want)

@@ -3,14 +3,15 @@ vectors per row) against NumPy, in both dtypes, on unaligned bases, odd strides 
 tables, and an empty reduction; the grad-weight sums (dot_taps) against NumPy, with reductions
 that end mid-vector; the max-pool block (max_block) against a scalar loop, with
 NaNs and ties; its backward (unpool_block) against NumPy, with a NaN gradient and indices
-outside their windows; the register transpose (transpose_block) against NumPy."""
+outside their windows; the register transpose (transpose_block) and the depthwise channels-last
+tiles (tile_dw, dot_dw) against NumPy."""
 
 import numpy as np
 import pytest
 from numba import literally, njit
 
-from fastconv.kernels._simd import (POOL_LANES, dot_taps, lanes, max_block, tile4, tile4t,
-                                    transpose_block, unpool_block)
+from fastconv.kernels._simd import (POOL_LANES, dot_dw, dot_taps, lanes, max_block, tile4,
+                                    tile4t, tile_dw, transpose_block, unpool_block)
 
 
 @njit
@@ -197,3 +198,63 @@ def test_transpose_block_matches_numpy(dtype):
             for q in range(n):
                 want[d0 + q * ds + p] = src[s0 + p * ss + q]
         np.testing.assert_array_equal(dst, want)
+
+
+@njit
+def _dw_tile(src, ts, off, r0, r1, w, wb, ws, out, qs, nvec):
+    literally(nvec)
+    tile_dw(src, ts[0], ts[1], ts[2], ts[3], off, r0, r1, w, wb, ws, out, qs[0], qs[1], qs[2],
+            qs[3], nvec)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("nvec", [1, 2, 4])
+@pytest.mark.parametrize("r0,r1", [(0, 9), (2, 5), (4, 4)])
+def test_tile_dw_matches_numpy(dtype, nvec, r0, r1):
+    """Depthwise tile: each lane its own filter; it adds to what the outputs hold."""
+    rng = np.random.default_rng(r1 + 10 * nvec)
+    m = lanes(np.dtype(dtype)) * nvec
+    src = rng.standard_normal(700).astype(dtype)
+    w = rng.standard_normal(9 * 70 + m).astype(dtype)
+    off = rng.integers(0, 300, 9).astype(np.uint64)
+    ts, qs, wb, ws = np.array([3, 50, 101, 177]), np.array([1, 130, 260, 390]), 5, 70
+    out = rng.standard_normal(600).astype(dtype)
+    want = out.copy()
+    for t, q in zip(ts, qs):
+        for r in range(r0, r1):
+            s0 = int(t) + int(off[r])
+            want[q:q + m] += src[s0:s0 + m] * w[wb + r * ws:wb + r * ws + m]
+    _dw_tile(src, ts, off, r0, r1, w, wb, ws, out, qs, nvec)
+    t = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(out, want, rtol=t, atol=t)
+
+
+@njit
+def _dw_dot(x, xs, xstep, off, r0, g, gs, gstep, n, out, o0, ostride, ntaps, nvec):
+    literally(ntaps)
+    literally(nvec)
+    dot_dw(x, xs, xstep, off, r0, g, gs, gstep, n, out, o0, ostride, ntaps, nvec)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("ntaps,nvec", [(9, 2), (1, 2), (9, 1), (4, 3)])
+@pytest.mark.parametrize("n", [0, 1, 7])
+def test_dot_dw_matches_numpy(dtype, ntaps, nvec, n):
+    """Depthwise grad-weight sums over pixels, stored (not added) for every tap."""
+    rng = np.random.default_rng(ntaps + n)
+    m = lanes(np.dtype(dtype)) * nvec
+    x = rng.standard_normal(1500).astype(dtype)
+    g = rng.standard_normal(900).astype(dtype)
+    off = rng.integers(0, 200, 12).astype(np.uint64)
+    xs, xstep, r0, gs, gstep, o0, ostride = 7, 131, 2, 3, 117, 4, m + 5
+    out = np.full(o0 + ntaps * ostride + m, np.nan, dtype)
+    want = out.copy()
+    for j in range(ntaps):
+        acc = np.zeros(m, dtype)
+        for p in range(n):
+            xa = xs + p * xstep + int(off[r0 + j])
+            acc += x[xa:xa + m] * g[gs + p * gstep:gs + p * gstep + m]
+        want[o0 + j * ostride:o0 + j * ostride + m] = acc
+    _dw_dot(x, xs, xstep, off, r0, g, gs, gstep, n, out, o0, ostride, ntaps, nvec)
+    t = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(out, want, rtol=t, atol=t)

@@ -27,7 +27,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, register_jitable
 
 __all__ = ["VECTOR_BYTES", "TILE_VECTORS", "POOL_LANES", "lanes", "tile4", "tile4t", "dot_taps",
-           "max_block", "unpool_block", "transpose_block"]
+           "tile_dw", "dot_dw", "max_block", "unpool_block", "transpose_block"]
 
 VECTOR_BYTES = 64  # one accumulator vector
 
@@ -189,6 +189,121 @@ def tile4t(typingctx, w, s0, s1, s2, s3, sstride, src, vb, off, r0, r1, out, q0,
         _tile_codegen(context, builder, n_lanes, src_p.type.pointee, scalar_at, vector_at,
                       a.index(9), a.index(10), a.data(11), [a.index(i) for i in (12, 13, 14, 15)],
                       nvec.literal_value)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def tile_dw(typingctx, src, t0, t1, t2, t3, off, r0, r1, w, wb, wstride, out, q0, q1, q2, q3,
+            nvec):
+    """Depthwise, channels-last: for pixels u = 0..3 and l < nvec * lanes(src),
+    ``out[q_u + l] += sum over r in [r0, r1) of src[t_u + off[r] + l] * w[wb + r*wstride + l]``
+    (each channel its own filter: vectors times vectors, where `tile4` broadcasts a scalar).
+    The 4 x nvec accumulators stay in registers over the taps, so a tap costs 4 + 1 loads per
+    4 FMAs of a vector instead of loading and storing the outputs; ``nvec`` is a literal 1..4
+    and no index is checked here."""
+    if not (_float_arrays(src, w, out) and _literal(nvec, (1, 2, 3, 4))):
+        return None
+    n_lanes = VECTOR_BYTES * 8 // src.dtype.bitwidth
+    n_v = nvec.literal_value
+    sig = types.none(src, t0, t1, t2, t3, off, r0, r1, w, wb, wstride, out, q0, q1, q2, q3, nvec)
+
+    def codegen(context, builder, sig, args):
+        a = _Args(context, builder, sig, args)
+        intp = context.get_value_type(types.intp)
+        src_p, w_p, out_p = a.data(0), a.data(8), a.data(11)
+        elem = src_p.type.pointee
+        size = context.get_abi_sizeof(elem)
+        vty = ir.VectorType(elem, n_lanes)
+        zeros = ir.Constant(vty, [ir.Constant(elem, 0.0)] * n_lanes)
+        fma = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vty, [vty] * 3),
+            f"llvm.fma.v{n_lanes}f{VECTOR_BYTES * 8 // n_lanes}")
+        ts = [a.index(i) for i in (1, 2, 3, 4)]
+        qs = [a.index(i) for i in (12, 13, 14, 15)]
+        wb_, ws = a.index(9), a.index(10)
+
+        def load(base, at):
+            ptr = builder.bitcast(builder.gep(base, [at]), vty.as_pointer())
+            return builder.load(ptr, align=size)
+
+        accs = [[cgutils.alloca_once_value(builder, zeros) for _ in range(n_v)] for _ in ts]
+        with cgutils.for_range_slice(builder, a.index(6), a.index(7), ir.Constant(intp, 1),
+                                     intp=intp) as (r, _):
+            o = a.entry(5, r)
+            wr = builder.add(wb_, builder.mul(r, ws))
+            for v in range(n_v):
+                lane0 = ir.Constant(intp, v * n_lanes)
+                wv = load(w_p, builder.add(wr, lane0))
+                for u, t in enumerate(ts):
+                    sv = load(src_p, builder.add(builder.add(t, o), lane0))
+                    builder.store(builder.call(fma, [sv, wv, builder.load(accs[u][v])]),
+                                  accs[u][v])
+        for q, row in zip(qs, accs):
+            for v, acc in enumerate(row):
+                op = builder.bitcast(builder.gep(out_p, [builder.add(q, ir.Constant(
+                    intp, v * n_lanes))]), vty.as_pointer())
+                builder.store(builder.fadd(builder.load(op, align=size), builder.load(acc)), op,
+                              align=size)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def dot_dw(typingctx, x, xs, xstep, off, r0, g, gs, gstep, n, out, o0, ostride, ntaps, nvec):
+    """Depthwise grad-weight, channels-last: for taps j < ntaps and lanes l < nvec * lanes(x),
+    ``out[o0 + j*ostride + l] = sum over p < n of x[xs + p*xstep + off[r0 + j] + l] *
+    g[gs + p*gstep + l]`` (stored, not added). The ntaps x nvec accumulators stay in registers
+    over the n pixels, where a loop per pixel loaded and stored each of them; ``ntaps`` (1..9)
+    and ``nvec`` (1..3) are literals and no index is checked here."""
+    if not (_float_arrays(x, g, out) and _literal(ntaps, range(1, 10))
+            and _literal(nvec, (1, 2, 3))):
+        return None
+    n_lanes = VECTOR_BYTES * 8 // x.dtype.bitwidth
+    n_t, n_v = ntaps.literal_value, nvec.literal_value
+    sig = types.none(x, xs, xstep, off, r0, g, gs, gstep, n, out, o0, ostride, ntaps, nvec)
+
+    def codegen(context, builder, sig, args):
+        a = _Args(context, builder, sig, args)
+        intp = context.get_value_type(types.intp)
+        x_p, g_p, out_p = a.data(0), a.data(5), a.data(9)
+        elem = x_p.type.pointee
+        size = context.get_abi_sizeof(elem)
+        vty = ir.VectorType(elem, n_lanes)
+        zeros = ir.Constant(vty, [ir.Constant(elem, 0.0)] * n_lanes)
+        fma = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vty, [vty] * 3),
+            f"llvm.fma.v{n_lanes}f{VECTOR_BYTES * 8 // n_lanes}")
+        const = functools.partial(ir.Constant, intp)
+        r0_ = a.index(4)
+        offs = [a.entry(3, builder.add(r0_, const(j))) for j in range(n_t)]
+        xs_, xst, gs_, gst = a.index(1), a.index(2), a.index(6), a.index(7)
+
+        def load(base, at):
+            ptr = builder.bitcast(builder.gep(base, [at]), vty.as_pointer())
+            return builder.load(ptr, align=size)
+
+        accs = [[cgutils.alloca_once_value(builder, zeros) for _ in range(n_v)]
+                for _ in range(n_t)]
+        with cgutils.for_range(builder, a.index(8), intp=intp) as loop:
+            xb = builder.add(xs_, builder.mul(loop.index, xst))
+            gb = builder.add(gs_, builder.mul(loop.index, gst))
+            gv = [load(g_p, builder.add(gb, const(v * n_lanes))) for v in range(n_v)]
+            for j in range(n_t):
+                xj = builder.add(xb, offs[j])
+                for v in range(n_v):
+                    xv = load(x_p, builder.add(xj, const(v * n_lanes)))
+                    builder.store(builder.call(fma, [xv, gv[v], builder.load(accs[j][v])]),
+                                  accs[j][v])
+        o0_, ost = a.index(10), a.index(11)
+        for j in range(n_t):
+            for v in range(n_v):
+                at = builder.add(builder.add(o0_, builder.mul(ost, const(j))),
+                                 const(v * n_lanes))
+                op = builder.bitcast(builder.gep(out_p, [at]), vty.as_pointer())
+                builder.store(builder.load(accs[j][v]), op, align=size)
         return context.get_dummy_value()
 
     return sig, codegen

@@ -21,16 +21,21 @@ layer loses nothing to remainders.
 - Grad-weight: ``dw[r, k] = sum over pixels of x[base(pixel) + off[r]] * g[pixel, k]``, 4 pixels
   x 4 reduction entries at a time; each work item owns a block of ``dw`` and walks the pixels in
   blocks that stay in cache while all its reduction entries use them.
-- Depthwise layers (one input channel per group, one output channel each): a vector loop over
-  the channels of a pixel for each tap.
+- Depthwise layers (one input channel per group, one output channel each): 4 pixels x up to 4
+  vectors of channels in registers over the taps (fastconv.kernels._simd.tile_dw), each
+  channel with its own filter.
 - The one exception to reading NHWC as it is: the grad-input of a layer with fewer input
   channels per group than a vector holds (a first layer, C = 1 or 3) would vectorize over
   those few channels, so it transposes the grad-output and runs direct.py's NCHW kernel.
 
-Register tiles (fastconv.kernels._simd.tile4): forward and grad-input keep 4 pixels x one
-vector of output channels, grad-weight 4 reduction entries x one vector, in vector registers
-over the whole reduction (forward) or a block of pixels (grad-weight), and store them once;
-the channels and entries left over go through the scalar-source kernels below.
+Register tiles (fastconv.kernels._simd.tile4): forward and grad-input keep 4 pixels x
+``NVEC`` vectors of output channels, grad-weight 4 reduction entries x ``NVEC`` vectors, in
+vector registers over the whole reduction (forward) or a block of pixels (grad-weight), and
+store them once. Forward and grad-input also tile the ends of rows and of channel blocks: the
+last group of 4 pixels ends at the row's end and the last vector at the block's end, both
+overlapping what is already done; such a tile goes to a scratch tile and only its new pixels
+and channels are added to the output. The rest (fewer channels than a vector, rows of fewer
+than 4 pixels, grad-weight's remainders) goes through the scalar-source kernels below.
 
 Work items are rows (forward, grad-input) or blocks of ``dw`` (grad-weight); every item writes
 its own outputs and sums in a fixed order, so results are deterministic and do not depend on
@@ -43,16 +48,17 @@ import functools
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit, uint64
+from numba import literally, njit, uint64
 
 from . import NUMBA_CACHE, _parallel, _reduce, _simd
 from ._numba import cdiv, claim, wide
-from ._simd import lanes, tile4
+from ._simd import dot_dw, lanes, tile4, tile_dw
 
 __all__ = ["conv2d_forward", "conv2d_backward"]
 
 KC = 64  # output channels per work item (a row of them is 4 zmm registers of float32)
 NVEC = _simd.TILE_VECTORS  # vectors of channels per register tile (see fastconv.kernels._simd)
+NVEC_DW = 2 if NVEC > 1 else 1  # depthwise grad-weight: 9 taps x 2 vectors of AVX-512's 32
 PIXEL_BLOCK = 256  # grad-weight: pixels of grad-output walked while they stay in cache
 RED_BLOCK = 32  # grad-weight: reduction entries per work item
 
@@ -196,6 +202,7 @@ def _correlate_part(src, off, w, bias, out, geom, counter):
     n_items = n_img * nu * groups * n_kb
     sstep, ostep = scs * cs, ocs * ko
     nl = lanes(out)
+    scratch = np.empty(4 * NVEC * nl, dtype=out.dtype)
     item = claim(counter)
     while item < n_items:
         kb = item % n_kb
@@ -212,51 +219,89 @@ def _correlate_part(src, off, w, bias, out, geom, counter):
                 out[o + v * ostep + kk] = bias[koff + kk] if has_bias else 0.0
         s = ((n * hs + u * srs) * ws) * cs + grp * cgs
         v = 0
-        while v + 4 <= nv:
-            s0, o0 = s + v * sstep, o + v * ostep
+        while v < nv and nv >= 4:
+            # the last group of 4 pixels ends at the row's end; its pixels already done
+            # (u < fresh) are computed again in a scratch tile and not stored
+            vs = min(v, nv - 4)
+            fresh = v - vs
+            s0, o0 = s + vs * sstep, o + vs * ostep
             k0 = 0
             while k0 + NVEC * nl <= kc:  # 4 pixels x NVEC vectors of channels, in registers
-                tile4(src, s0, s0 + sstep, s0 + 2 * sstep, s0 + 3 * sstep, off, 0, red, w,
-                      koff + k0, ko, out, o0 + k0, o0 + ostep + k0, o0 + 2 * ostep + k0,
-                      o0 + 3 * ostep + k0, NVEC)
+                if fresh == 0:
+                    tile4(src, s0, s0 + sstep, s0 + 2 * sstep, s0 + 3 * sstep, off, 0, red, w,
+                          koff + k0, ko, out, o0 + k0, o0 + ostep + k0, o0 + 2 * ostep + k0,
+                          o0 + 3 * ostep + k0, NVEC)
+                else:
+                    _tile_part(src, s0, sstep, off, red, w, koff + k0, ko, scratch, NVEC, out,
+                               o0 + k0, ostep, fresh, 0)
                 k0 += NVEC * nl
             while k0 + nl <= kc:
-                tile4(src, s0, s0 + sstep, s0 + 2 * sstep, s0 + 3 * sstep, off, 0, red, w,
-                      koff + k0, ko, out, o0 + k0, o0 + ostep + k0, o0 + 2 * ostep + k0,
-                      o0 + 3 * ostep + k0, 1)
+                if fresh == 0:
+                    tile4(src, s0, s0 + sstep, s0 + 2 * sstep, s0 + 3 * sstep, off, 0, red, w,
+                          koff + k0, ko, out, o0 + k0, o0 + ostep + k0, o0 + 2 * ostep + k0,
+                          o0 + 3 * ostep + k0, 1)
+                else:
+                    _tile_part(src, s0, sstep, off, red, w, koff + k0, ko, scratch, 1, out,
+                               o0 + k0, ostep, fresh, 0)
                 k0 += nl
-            if k0 < kc:
+            if k0 < kc and kc >= nl:  # one vector ending at kc; its lanes below k0 are done
+                _tile_part(src, s0, sstep, off, red, w, koff + kc - nl, ko, scratch, 1, out,
+                           o0 + kc - nl, ostep, fresh, k0 - (kc - nl))
+            elif k0 < kc and fresh == 0:
                 _row4(src, s0, sstep, off, 0, red, w, koff + k0, ko, out, o0 + k0, ostep,
                       kc - k0)
-            v += 4
-        while v < nv:
+            elif k0 < kc:
+                for uu in range(fresh, 4):
+                    _row1(src, s0 + uu * sstep, off, 0, red, w, koff + k0, ko, out,
+                          o0 + uu * ostep + k0, kc - k0)
+            v = vs + 4
+        while v < nv:  # rows of fewer than 4 pixels
             _row1(src, s + v * sstep, off, 0, red, w, koff, ko, out, o + v * ostep, kc)
             v += 1
         item = claim(counter)
 
 
+@njit(cache=NUMBA_CACHE, nogil=True)
+def _tile_part(src, s0, sstep, off, red, w, wb, ko, scratch, nvec, out, o0, ostep, u0, l0):
+    """The `tile4` of 4 pixels (source s0 + u*sstep) x nvec vectors of channels (filters from
+    wb) into ``scratch``, then out[o0 + u*ostep + l] += scratch[u, l] for the pixels u >= u0
+    and lanes l >= l0 only: the others overlap a tile already stored. Where a row's pixels or
+    a block's channels are not a multiple of the tile, this keeps their last ones in registers
+    (lenet-c1's 30 channels, keras-c2's 11 pixels) instead of a loop that loads and stores the
+    outputs every 4 reduction entries."""
+    literally(nvec)
+    m = nvec * lanes(out)
+    for i in range(4 * m):
+        scratch[i] = 0.0
+    tile4(src, s0, s0 + sstep, s0 + 2 * sstep, s0 + 3 * sstep, off, 0, red, w, wb, ko, scratch,
+          0, m, 2 * m, 3 * m, nvec)
+    for uu in range(u0, 4):
+        for q in range(l0, m):
+            out[o0 + uu * ostep + q] += scratch[uu * m + q]
+
+
 @njit(cache=NUMBA_CACHE, nogil=True, fastmath=_FM)
-def _dw_pixel(src, sv, off, red, w, out, ov, nk, bias, has_bias):
-    """One output pixel of a depthwise layer: out[ov + k] = bias[k] + sum over taps r of
-    src[sv + off[r] + k] * w[r*nk + k]."""
+def _dw_pixel(src, sv, off, red, w, out, ov, nk, k0, k1):
+    """One output pixel of a depthwise layer, channels k0 <= k < k1: out[ov + k] += sum over
+    taps r of src[sv + off[r] + k] * w[r*nk + k]."""
     wide()
-    ov, sv, n = uint64(ov), uint64(sv), uint64(nk)
-    for k in range(n):
-        out[ov + k] = bias[k] if has_bias else 0.0
+    ov, sv = uint64(ov), uint64(sv)
     for r in range(red):
         sr, wr = sv + off[r], uint64(r * nk)
-        for k in range(n):
+        for k in range(uint64(k0), uint64(k1)):
             out[ov + k] += src[sr + k] * w[wr + k]
 
 
 @njit(cache=NUMBA_CACHE, nogil=True)
 def _depthwise_part(src, off, w, bias, out, geom, counter):
-    """`_correlate_part` for depthwise layers (one channel in and out per group): each tap is
-    one vector multiply-add over a pixel's channels. Items are (image, row)."""
+    """`_correlate_part` for depthwise layers (one channel in and out per group): 4 pixels x
+    NVEC vectors of channels in registers over the taps (`tile_dw`), the channels and pixels
+    left over a vector loop per tap. Items are (image, row)."""
     (n_img, hs, ws, cs, srs, scs, cgs, ho, wo, ko, ors, or0, ocs, oc0, nu, nv, groups, kg, red,
      has_bias) = geom
     n_items = n_img * nu
     sstep, ostep = scs * cs, ocs * ko
+    nl = lanes(out)
     item = claim(counter)
     while item < n_items:
         u = item % nu
@@ -264,25 +309,73 @@ def _depthwise_part(src, off, w, bias, out, geom, counter):
         o = ((n * ho + or0 + u * ors) * wo + oc0) * ko
         s = ((n * hs + u * srs) * ws) * cs
         for v in range(nv):
-            _dw_pixel(src, s + v * sstep, off, red, w, out, o + v * ostep, ko, bias, has_bias)
+            for k in range(ko):
+                out[o + v * ostep + k] = bias[k] if has_bias else 0.0
+        v = 0
+        while v + 4 <= nv:
+            s0, o0 = s + v * sstep, o + v * ostep
+            k0 = 0
+            while k0 + NVEC * nl <= ko:
+                tile_dw(src, s0 + k0, s0 + sstep + k0, s0 + 2 * sstep + k0, s0 + 3 * sstep + k0,
+                        off, 0, red, w, k0, ko, out, o0 + k0, o0 + ostep + k0,
+                        o0 + 2 * ostep + k0, o0 + 3 * ostep + k0, NVEC)
+                k0 += NVEC * nl
+            while k0 + nl <= ko:
+                tile_dw(src, s0 + k0, s0 + sstep + k0, s0 + 2 * sstep + k0, s0 + 3 * sstep + k0,
+                        off, 0, red, w, k0, ko, out, o0 + k0, o0 + ostep + k0,
+                        o0 + 2 * ostep + k0, o0 + 3 * ostep + k0, 1)
+                k0 += nl
+            if k0 < ko:
+                for uu in range(4):
+                    _dw_pixel(src, s0 + uu * sstep, off, red, w, out, o0 + uu * ostep, ko, k0,
+                              ko)
+            v += 4
+        while v < nv:
+            _dw_pixel(src, s + v * sstep, off, red, w, out, o + v * ostep, ko, 0, ko)
+            v += 1
         item = claim(counter)
 
 
 @njit(cache=NUMBA_CACHE, nogil=True, fastmath=_FM)
 def _dw_grad_row(x, xs, xstep, off, red, g, gs, nv, part, p0, nk):
     """part[p0 + r*nk + k] = sum over the nv pixels v of a row of x[xs + v*xstep + off[r] + k]
-    * g[gs + v*nk + k]."""
+    * g[gs + v*nk + k]: up to 9 taps x NVEC_DW vectors of channels in registers over the row
+    (`dot_dw`), the channels left over a vector loop per pixel and tap."""
     wide()
-    n = uint64(nk)
+    nl = lanes(part)
+    k0 = 0
+    while k0 + NVEC_DW * nl <= nk:
+        r = 0
+        while r + 9 <= red:
+            dot_dw(x, xs + k0, xstep, off, r, g, gs + k0, nk, nv, part, p0 + r * nk + k0, nk, 9,
+                   NVEC_DW)
+            r += 9
+        while r < red:
+            dot_dw(x, xs + k0, xstep, off, r, g, gs + k0, nk, nv, part, p0 + r * nk + k0, nk, 1,
+                   NVEC_DW)
+            r += 1
+        k0 += NVEC_DW * nl
+    while k0 + nl <= nk:
+        r = 0
+        while r + 9 <= red:
+            dot_dw(x, xs + k0, xstep, off, r, g, gs + k0, nk, nv, part, p0 + r * nk + k0, nk, 9,
+                   1)
+            r += 9
+        while r < red:
+            dot_dw(x, xs + k0, xstep, off, r, g, gs + k0, nk, nv, part, p0 + r * nk + k0, nk, 1,
+                   1)
+            r += 1
+        k0 += nl
+    lo, n = uint64(k0), uint64(nk)
     for r in range(red):
         pr = uint64(p0 + r * nk)
-        for k in range(n):
+        for k in range(lo, n):
             part[pr + k] = 0.0
     for v in range(nv):
         xv, gv = uint64(xs + v * xstep), uint64(gs + v * nk)
         for r in range(red):
             xr, pr = xv + off[r], uint64(p0 + r * nk)
-            for k in range(n):
+            for k in range(lo, n):
                 part[pr + k] += x[xr + k] * g[gv + k]
 
 
@@ -366,16 +459,43 @@ def _grad_weight_part(x, off, g, dw, pix, geom, counter):
         item = claim(counter)
 
 
+@njit(cache=NUMBA_CACHE, nogil=True, fastmath=_FM)
+def _pad_rows(src, dst, h, w, c, hp, wp, top, left, counter):
+    """Rows (image, padded row) of dst (n, hp, wp, c), flat, from src (n, h, w, c), flat: each
+    element written once, zeros outside src (negative top / left crop)."""
+    wide()
+    n_items = dst.size // (wp * c)
+    xa, xb = max(0, left), max(max(0, left), min(wp, w + left))  # columns that hold src
+    item = claim(counter)
+    while item < n_items:
+        i, y = item // hp, item % hp
+        d0 = uint64(item * wp * c)
+        r = y - top
+        lo, hi = uint64(xa * c), uint64(xb * c)
+        if r < 0 or r >= h:
+            lo = hi = uint64(wp * c)
+        for t in range(lo):
+            dst[d0 + t] = 0.0
+        s0 = uint64(((i * h + r) * w + xa - left) * c) if hi > lo else uint64(0)
+        for t in range(hi - lo):
+            dst[d0 + lo + t] = src[s0 + t]
+        for t in range(hi, uint64(wp * c)):
+            dst[d0 + t] = 0.0
+        item = claim(counter)
+
+
 def _pad(a, top, bottom, left, right):
-    """``a`` (N, H, W, C) zero-padded (negative amounts crop); ``a`` itself when none."""
+    """``a`` (N, H, W, C) zero-padded (negative amounts crop); ``a`` itself when none. Written
+    once, by rows on the thread pool: NumPy's zeros and slice copy took 2.8 ms of
+    mobilenet-dw's 7.3 ms forward."""
     if top == bottom == left == right == 0:
         return a
     n, h, w, c = a.shape
-    out = np.zeros((n, h + top + bottom, w + left + right, c), dtype=a.dtype)
-    y0, y1 = max(0, -top), min(h, h + bottom)
-    x0, x1 = max(0, -left), min(w, w + right)
-    if y1 > y0 and x1 > x0:
-        out[:, y0 + top:y1 + top, x0 + left:x1 + left] = a[:, y0:y1, x0:x1]
+    hp, wp = h + top + bottom, w + left + right
+    out = np.empty((n, hp, wp, c), dtype=a.dtype)
+    if out.size:
+        _parallel.run(_pad_rows, (a.reshape(-1), out.reshape(-1), h, w, c, hp, wp, top, left),
+                      n * hp, out.size // 4)
     return out
 
 
