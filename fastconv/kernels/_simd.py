@@ -98,6 +98,23 @@ def _tile_codegen(context, builder, lanes, elem_ty, scalar_at, vector_at, lo, hi
                           align=size)
 
 
+def _vectors(context, builder, elem, n_lanes):
+    """What the vector intrinsics' codegen shares: the vector type, the element size, a zero
+    vector, ``llvm.fma`` on it, and ``load(base, at)``: the vector at element ``at`` of the
+    pointer ``base`` (unaligned)."""
+    vty = ir.VectorType(elem, n_lanes)
+    size = context.get_abi_sizeof(elem)
+    zeros = ir.Constant(vty, [ir.Constant(elem, 0.0)] * n_lanes)
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
+                                         f"llvm.fma.v{n_lanes}f{VECTOR_BYTES * 8 // n_lanes}")
+
+    def load(base, at):
+        ptr = builder.bitcast(builder.gep(base, [at]), vty.as_pointer())
+        return builder.load(ptr, align=size)
+
+    return vty, size, zeros, fma, load
+
+
 def _float_arrays(*arrays):
     return (all(isinstance(a, types.Array) for a in arrays)
             and len({a.dtype for a in arrays}) == 1
@@ -213,21 +230,10 @@ def tile_dw(typingctx, src, t0, t1, t2, t3, off, r0, r1, w, wb, wstride, out, q0
         a = _Args(context, builder, sig, args)
         intp = context.get_value_type(types.intp)
         src_p, w_p, out_p = a.data(0), a.data(8), a.data(11)
-        elem = src_p.type.pointee
-        size = context.get_abi_sizeof(elem)
-        vty = ir.VectorType(elem, n_lanes)
-        zeros = ir.Constant(vty, [ir.Constant(elem, 0.0)] * n_lanes)
-        fma = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(vty, [vty] * 3),
-            f"llvm.fma.v{n_lanes}f{VECTOR_BYTES * 8 // n_lanes}")
+        vty, size, zeros, fma, load = _vectors(context, builder, src_p.type.pointee, n_lanes)
         ts = [a.index(i) for i in (1, 2, 3, 4)]
         qs = [a.index(i) for i in (12, 13, 14, 15)]
         wb_, ws = a.index(9), a.index(10)
-
-        def load(base, at):
-            ptr = builder.bitcast(builder.gep(base, [at]), vty.as_pointer())
-            return builder.load(ptr, align=size)
-
         accs = [[cgutils.alloca_once_value(builder, zeros) for _ in range(n_v)] for _ in ts]
         with cgutils.for_range_slice(builder, a.index(6), a.index(7), ir.Constant(intp, 1),
                                      intp=intp) as (r, _):
@@ -269,22 +275,11 @@ def dot_dw(typingctx, x, xs, xstep, off, r0, g, gs, gstep, n, out, o0, ostride, 
         a = _Args(context, builder, sig, args)
         intp = context.get_value_type(types.intp)
         x_p, g_p, out_p = a.data(0), a.data(5), a.data(9)
-        elem = x_p.type.pointee
-        size = context.get_abi_sizeof(elem)
-        vty = ir.VectorType(elem, n_lanes)
-        zeros = ir.Constant(vty, [ir.Constant(elem, 0.0)] * n_lanes)
-        fma = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(vty, [vty] * 3),
-            f"llvm.fma.v{n_lanes}f{VECTOR_BYTES * 8 // n_lanes}")
+        vty, size, zeros, fma, load = _vectors(context, builder, x_p.type.pointee, n_lanes)
         const = functools.partial(ir.Constant, intp)
         r0_ = a.index(4)
         offs = [a.entry(3, builder.add(r0_, const(j))) for j in range(n_t)]
         xs_, xst, gs_, gst = a.index(1), a.index(2), a.index(6), a.index(7)
-
-        def load(base, at):
-            ptr = builder.bitcast(builder.gep(base, [at]), vty.as_pointer())
-            return builder.load(ptr, align=size)
-
         accs = [[cgutils.alloca_once_value(builder, zeros) for _ in range(n_v)]
                 for _ in range(n_t)]
         with cgutils.for_range(builder, a.index(8), intp=intp) as loop:
@@ -335,13 +330,7 @@ def dot_taps(typingctx, x, xstride, offs, g, gstride, g0, gplane, n_img, n, acc,
         a = _Args(context, builder, sig, args)
         intp = context.get_value_type(types.intp)
         x_p, g_p, acc_p = a.data(0), a.data(3), a.data(9)
-        elem = x_p.type.pointee
-        size = context.get_abi_sizeof(elem)
-        vty = ir.VectorType(elem, n_lanes)
-        zeros = ir.Constant(vty, [ir.Constant(elem, 0.0)] * n_lanes)
-        fma = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(vty, [vty] * 3),
-            f"llvm.fma.v{n_lanes}f{VECTOR_BYTES * 8 // n_lanes}")
+        vty, size, zeros, fma, load = _vectors(context, builder, x_p.type.pointee, n_lanes)
         const = functools.partial(ir.Constant, intp)
         offs_v = [a.entry(2, const(j)) for j in range(n_t)]
         xs, gs, g0_, gp, n_ = a.index(1), a.index(4), a.index(5), a.index(6), a.index(8)
@@ -353,10 +342,6 @@ def dot_taps(typingctx, x, xstride, offs, g, gstride, g0, gplane, n_img, n, acc,
         done = builder.sub(const(n_lanes), builder.sub(n_, builder.mul(n_full, const(n_lanes))))
         lane_ids = ir.Constant(ir.VectorType(intp, n_lanes), list(range(n_lanes)))
         keep = builder.icmp_signed(">=", lane_ids, _splat(builder, done, n_lanes))
-
-        def load(base, at):
-            ptr = builder.gep(base, [at])
-            return builder.load(builder.bitcast(ptr, vty.as_pointer()), align=size)
 
         def step(xb, gb, pos, mask):
             gv = [load(g_p, builder.add(builder.add(gb, builder.mul(gp, const(r))), pos))
