@@ -159,9 +159,9 @@ def test_direct_grid_copy_writes_every_element(dtype):
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 def test_bias_gradient_over_many_blocks(layout, dtype):
     """The bias gradient on the thread pool (fastconv.kernels._reduce) over grad-outputs of
-    several work items, with partial last items and, channels-last, row counts that are not a
-    multiple of four; one large enough to run on both threads. Against a float64 NumPy sum, on
-    every CPU method, and bit-identical with one thread and with two."""
+    several work items, with partial last items (channels-last: rows left over after the
+    groups of rows summed together); one large enough to run on both threads. Against a
+    float64 NumPy sum, on every CPU method, and bit-identical with one thread and with two."""
     rng = np.random.default_rng(5)
     shapes = [(3, 5, 61, 67), (3, 13, 37, 41), (2, 3, 5, 7), (4, 7, 250, 251)]
     methods = [m for m in fc.methods("conv2d_backward") if not is_cuda(m) and m != "auto"]

@@ -198,6 +198,7 @@ def test_layout_transposes_match_numpy(dtype):
         back = layout.to_nhwc(t)
         assert back.flags.c_contiguous
         np.testing.assert_array_equal(back, a)
+        assert np.shares_memory(t, a) == (c == 1 or h * w == 1) or a.size == 0
         np.testing.assert_array_equal(a, before)
 
 
@@ -206,9 +207,10 @@ def test_layout_transposes_match_numpy(dtype):
     ((2, 5, 6, 11), (70, 5, 3, 3), dict(padding=1)),  # 64 + 6 channels, 4 + 4 + 3 pixels
     ((2, 1, 12, 12), (30, 1, 5, 5), {}),  # lenet-like: 30 channels, 8 pixels a row
     ((2, 3, 9, 13), (40, 3, 3, 3), dict(stride=2)),  # 40 channels, 6 pixels a row
+    ((2, 20, 9, 11), (24, 20, 3, 3), dict(padding=1, stride=2)),  # grad-input: 20 channels
     ((2, 72, 5, 9), (72, 1, 3, 3), dict(padding=1, groups=72)),  # depthwise: 64 + 8, 9 pixels
     ((2, 64, 9, 10), (64, 1, 3, 3), dict(padding=1, stride=2, groups=64)),
-], ids=["k70", "k30", "k40-s2", "dw72", "dw64-s2"])
+], ids=["k70", "k30", "k40-s2", "c20-s2", "dw72", "dw64-s2"])
 def test_direct_nhwc_register_tiles_match_naive(x_shape, w_shape, conf, dtype):
     """direct's channels-last register tiles where channels and pixels are not multiples of
     a tile (the last group of 4 pixels and the last vector of channels overlap the tiles
@@ -234,9 +236,10 @@ def test_direct_nhwc_register_tiles_match_naive(x_shape, w_shape, conf, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 def test_direct_nhwc_padded_copy_writes_every_element(dtype):
-    """direct's channels-last zero-padded copy (written once by rows, with no zero-fill first)
-    into fresh memory: padding and cropping (negative amounts) on each side, against NumPy."""
-    from fastconv.kernels import direct_nhwc
+    """direct's channels-last zero-padded copy (`_pad_rows`, which skips zero-filling) into a
+    destination full of NaN, with a NaN guard after it: padding and cropping (negative
+    amounts) on each side, a crop wider than the image, against NumPy; and `_pad` itself."""
+    from fastconv.kernels import _parallel, direct_nhwc
 
     rng = np.random.default_rng(43)
     for shape in [(2, 5, 7, 3), (1, 4, 4, 16), (3, 9, 11, 5)]:
@@ -244,12 +247,17 @@ def test_direct_nhwc_padded_copy_writes_every_element(dtype):
         n, h, w, c = shape
         for top, bottom, left, right in [(1, 1, 1, 1), (2, 0, 0, 3), (-1, 2, 1, -2),
                                          (0, 0, 2, 0), (-2, -1, -3, -1), (3, 3, -4, 2),
-                                         (1, -3, 0, 0)]:
-            want = np.zeros((n, h + top + bottom, w + left + right, c), dtype)
+                                         (1, -3, 0, 0), (0, 0, 3, -w - 1)]:
+            hp, wp = h + top + bottom, w + left + right
+            want = np.zeros((n, hp, wp, c), dtype)
             src = a[:, max(0, -top):h + min(0, bottom), max(0, -left):w + min(0, right)]
-            want[:, max(0, top):max(0, top) + src.shape[1],
-                 max(0, left):max(0, left) + src.shape[2]] = src
-            np.full(want.shape, np.nan, dtype)  # freed: the copy's memory likely held NaN
-            got = direct_nhwc._pad(a, top, bottom, left, right)
-            assert got.dtype == dtype
-            np.testing.assert_array_equal(got, want)
+            rows, cols = min(src.shape[1], hp), min(src.shape[2], max(0, wp - max(0, left)))
+            want[:, max(0, top):max(0, top) + rows, max(0, left):max(0, left) + cols] = \
+                src[:, :rows, :cols]
+            buf = np.full(want.size + 16, np.nan, dtype)
+            if want.size:
+                _parallel.run(direct_nhwc._pad_rows, (a.reshape(-1), buf[:want.size], h, w, c,
+                                                      hp, wp, top, left), n * hp, 10**9)
+            np.testing.assert_array_equal(buf[:want.size].reshape(want.shape), want)
+            assert np.isnan(buf[want.size:]).all()
+            np.testing.assert_array_equal(direct_nhwc._pad(a, top, bottom, left, right), want)

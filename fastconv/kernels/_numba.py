@@ -1,8 +1,9 @@
-"""The few Numba helpers that the CPU kernel modules share (direct.py, pool.py, _reduce.py).
+"""The few Numba helpers that the CPU kernel modules share (direct.py, direct_nhwc.py,
+pool.py, _reduce.py, layout.py).
 
 Numba's on-disk cache keys a compiled function on its own source file only: code compiled into
-it from another module is not tracked, so an edit here leaves the cached kernels of direct.py
-and pool.py as they were (STYLE.md, "Kernel modules"). That is why everything else stays in the
+it from another module is not tracked, so an edit here leaves the cached kernels of those
+modules as they were (STYLE.md, "Kernel modules"). That is why everything else stays in the
 module that uses it, and why only these small, settled helpers live here. After changing one,
 clear the caches: delete the ``*.nbi`` / ``*.nbc`` files under ``fastconv/kernels/__pycache__``
 (or wherever `fastconv.kernels.numba_cache_location` says), or touch the kernel modules.

@@ -3,9 +3,10 @@ in pool.py) and the sum of each channel over a whole batch (the bias gradients o
 convolution method, in NCHW and NHWC).
 
 NumPy's ``g.sum(axis=(0, 2, 3))`` runs on one thread at about a third of the memory bandwidth
-(1.3 ms of keras-c1's 6.6 ms backward); here fixed blocks of the array are work items whose
-partial sums, in float64, are added in item order, so the result depends on the shape alone,
-never on the thread count or the schedule.
+(1.3 ms of keras-c1's 6.6 ms backward); here fixed blocks of the array are work items, each
+summed in the array's dtype in short runs (see `sum_flat` and `_add_rows`), and their sums are
+added in float64 in item order, so the result depends on the shape alone, never on the thread
+count or the schedule.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def plane_sums(src, m, out, div=1.0):
 
 def channel_sums(g, channels_last=False):
     """``g`` (4-D, C-contiguous) summed over all axes but its channels (axis 1, or 3 if
-    ``channels_last``), in float64, returned in g's dtype: a convolution's bias gradient."""
+    ``channels_last``), blocks' sums added in float64, returned in g's dtype: a convolution's
+    bias gradient."""
     if channels_last:
         k = g.shape[3]
         rows = max(1, BLOCK // k)

@@ -99,9 +99,9 @@ def _tile_codegen(context, builder, lanes, elem_ty, scalar_at, vector_at, lo, hi
 
 
 def _vectors(context, builder, elem, n_lanes):
-    """What the vector intrinsics' codegen shares: the vector type, the element size, a zero
-    vector, ``llvm.fma`` on it, and ``load(base, at)``: the vector at element ``at`` of the
-    pointer ``base`` (unaligned)."""
+    """What the codegen of the loop-over-vectors intrinsics (tile_dw, dot_dw, dot_taps) shares:
+    the vector type, the element size, a zero vector, ``llvm.fma`` on it, and ``load(base,
+    at)``: the vector at element ``at`` of the pointer ``base`` (unaligned)."""
     vty = ir.VectorType(elem, n_lanes)
     size = context.get_abi_sizeof(elem)
     zeros = ir.Constant(vty, [ir.Constant(elem, 0.0)] * n_lanes)

@@ -58,7 +58,9 @@ __all__ = ["conv2d_forward", "conv2d_backward"]
 
 KC = 64  # output channels per work item (a row of them is 4 zmm registers of float32)
 NVEC = _simd.TILE_VECTORS  # vectors of channels per register tile (see fastconv.kernels._simd)
-NVEC_DW = 2 if NVEC > 1 else 1  # depthwise grad-weight: 9 taps x 2 vectors of AVX-512's 32
+# depthwise grad-weight: taps x vectors of accumulators, 9 x 2 of AVX-512's 32 registers, 4 x 1
+# elsewhere (a 64-byte vector is two of AVX2's 16)
+DW_TAPS, NVEC_DW = (9, 2) if NVEC > 1 else (4, 1)
 PIXEL_BLOCK = 256  # grad-weight: pixels of grad-output walked while they stay in cache
 RED_BLOCK = 32  # grad-weight: reduction entries per work item
 
@@ -201,8 +203,6 @@ def _init_rows(out, o, ostep, nv, kc, bias, b0, has_bias):
         else:
             for kk in range(n):
                 out[d + kk] = 0.0
-
-
 
 
 @njit(cache=NUMBA_CACHE, nogil=True)
@@ -353,17 +353,17 @@ def _depthwise_part(src, off, w, bias, out, geom, counter):
 @njit(cache=NUMBA_CACHE, nogil=True, fastmath=_FM)
 def _dw_grad_row(x, xs, xstep, off, red, g, gs, nv, part, p0, nk):
     """part[p0 + r*nk + k] = sum over the nv pixels v of a row of x[xs + v*xstep + off[r] + k]
-    * g[gs + v*nk + k]: up to 9 taps x NVEC_DW vectors of channels in registers over the row
+    * g[gs + v*nk + k]: DW_TAPS taps x NVEC_DW vectors of channels in registers over the row
     (`dot_dw`), the channels left over a vector loop per pixel and tap."""
     wide()
     nl = lanes(part)
     k0 = 0
     while k0 + NVEC_DW * nl <= nk:
         r = 0
-        while r + 9 <= red:
-            dot_dw(x, xs + k0, xstep, off, r, g, gs + k0, nk, nv, part, p0 + r * nk + k0, nk, 9,
-                   NVEC_DW)
-            r += 9
+        while r + DW_TAPS <= red:
+            dot_dw(x, xs + k0, xstep, off, r, g, gs + k0, nk, nv, part, p0 + r * nk + k0, nk,
+                   DW_TAPS, NVEC_DW)
+            r += DW_TAPS
         while r < red:
             dot_dw(x, xs + k0, xstep, off, r, g, gs + k0, nk, nv, part, p0 + r * nk + k0, nk, 1,
                    NVEC_DW)
@@ -371,10 +371,10 @@ def _dw_grad_row(x, xs, xstep, off, red, g, gs, nv, part, p0, nk):
         k0 += NVEC_DW * nl
     while k0 + nl <= nk:
         r = 0
-        while r + 9 <= red:
-            dot_dw(x, xs + k0, xstep, off, r, g, gs + k0, nk, nv, part, p0 + r * nk + k0, nk, 9,
-                   1)
-            r += 9
+        while r + DW_TAPS <= red:
+            dot_dw(x, xs + k0, xstep, off, r, g, gs + k0, nk, nv, part, p0 + r * nk + k0, nk,
+                   DW_TAPS, 1)
+            r += DW_TAPS
         while r < red:
             dot_dw(x, xs + k0, xstep, off, r, g, gs + k0, nk, nv, part, p0 + r * nk + k0, nk, 1,
                    1)
@@ -428,9 +428,9 @@ def _grad_weight_part(x, off, g, dw, pix, geom, counter):
     """Blocks of dw (red, K): dw[r, koff + kk] = sum over pixels p of x[pix[p] + off[r]] *
     g[p, koff + kk] (``pix``: each grad-output pixel's first input element). geom: groups,
     channels per group in and out, reduction length. Items are (group, block of RED_BLOCK
-    reduction entries, block of KC output channels). Four reduction entries x one vector of
-    channels are accumulated in registers over a block of pixels (`tile4`); the entries and
-    channels left over go through `_gw4`."""
+    reduction entries, block of KC output channels). Four reduction entries x NVEC (or one)
+    vectors of channels are accumulated in registers over a block of pixels (`tile4`); the
+    entries and channels left over go through `_gw4`."""
     groups, cg, kg, red = geom
     k = groups * kg
     n_pix = pix.size
@@ -479,7 +479,8 @@ def _pad_rows(src, dst, h, w, c, hp, wp, top, left, counter):
     element written once, zeros outside src (negative top / left crop)."""
     wide()
     n_items = dst.size // (wp * c)
-    xa, xb = max(0, left), max(max(0, left), min(wp, w + left))  # columns that hold src
+    xa = min(max(0, left), wp)
+    xb = max(xa, min(wp, w + left))  # [xa, xb): the columns that hold src
     item = claim(counter)
     while item < n_items:
         i, y = item // hp, item % hp
