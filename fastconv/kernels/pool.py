@@ -636,7 +636,7 @@ def avg_pool2d_backward(g, spec):
     if div is not None:
         per = max(1, _reduce.BLOCK // (spec.x_shape[2] * spec.x_shape[3]))  # planes per item
         _parallel.run(_global_backward, (g, dx, div, per),
-                      -(-spec.x_shape[0] * spec.x_shape[1] // per), _parallel.box_work_ns(spec))
+                      cdiv(spec.x_shape[0] * spec.x_shape[1], per), _parallel.box_work_ns(spec))
         return dx
     disjoint = bool((t.row_users[:, 1] - t.row_users[:, 0]).max() <= 1
                     and (t.col_users[:, 1] - t.col_users[:, 0]).max() <= 1)

@@ -6,6 +6,8 @@ axis 1."""
 
 from __future__ import annotations
 
+from . import _reduce
+
 __all__ = ["forward", "backward"]
 
 
@@ -50,6 +52,4 @@ def _channel_sums(g, spec):
         from .cuda import arrays
 
         return arrays.channel_sums(g)
-    from . import _reduce
-
     return _reduce.channel_sums(g, channels_last=spec.layout == "NHWC")
