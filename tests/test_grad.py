@@ -127,6 +127,55 @@ def test_backward_is_deterministic(method):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("x_shape,w_shape,conf", [
+    ((4, 1, 13, 13), (30, 1, 5, 5), {}),  # lenet-like: one channel, 30 filters
+    ((5, 1, 9, 31), (7, 1, 3, 3), dict(padding=1)),  # rows of several vectors, 7 filters
+    ((4, 3, 8, 11), (5, 3, 3, 3), dict(padding=((2, 0), (1, 3)))),  # uneven padding
+    ((4, 2, 12, 10), (2, 2, 3, 3), dict(dilation=2, padding=1)),
+    ((6, 4, 7, 7), (1, 4, 1, 1), {}),  # one filter, 1x1
+    ((4, 4, 6, 9), (9, 4, 3, 5), dict(padding="same")),
+], ids=["c1-k30", "c1-k7", "c3-pad", "c2-dil", "c4-1x1", "c4-same"])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_direct_few_channel_backward_matches_naive(layout, x_shape, w_shape, conf, dtype):
+    """direct's fused backward for 1-4 input channels (one image per work item: its
+    grad-output padded in cache, then dx, dw and db from it), against naive: with and
+    without the bias, its shares of dw and db summed over images in order, and channels-last
+    arrays through it; the cases are checked to take that path."""
+    from fastconv import _validate
+    from fastconv.kernels import direct
+
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    g = rng.standard_normal(fc.conv2d(x, w, **conf, method="naive").shape).astype(dtype)
+    opts = dict(stride=1, padding=0, dilation=1, groups=1) | conf
+    spec = _validate.conv2d_backward(g, x, w, **opts)[3]
+    assert direct.few_channels(spec)
+    want = _grads("naive", g.astype(np.float64), x.astype(np.float64), w.astype(np.float64),
+                  conf)
+    n_pos = g.size // g.shape[1]
+    for need_bias in (True, False):
+        if layout == "NCHW":
+            got = _grads("direct", g, x, w, conf, need_bias=need_bias)
+        else:
+            dx, dw, db = _grads("direct", g.transpose(0, 2, 3, 1), x.transpose(0, 2, 3, 1),
+                                w.transpose(2, 3, 1, 0), conf | dict(layout="NHWC"),
+                                need_bias=need_bias)
+            got = (dx.transpose(0, 3, 1, 2), dw.transpose(3, 2, 0, 1), db)
+        for a, b, red in zip(got, want, (int(np.prod(w_shape)) // x_shape[1], n_pos, n_pos)):
+            if a is not None:
+                np.testing.assert_allclose(a, b, **tol(dtype, red))
+        assert (got[2] is None) == (not need_bias)
+    # and the gate: five channels, a stride or too few images take the general kernels
+    for xs, ws, more in [((4, 5, 8, 8), (3, 5, 3, 3), {}), ((4, 1, 9, 9), (3, 1, 3, 3),
+                         dict(stride=2)), ((3, 1, 8, 8), (3, 1, 3, 3), {})]:
+        a, b = np.ones(xs, dtype), np.ones(ws, dtype)
+        gg = np.ones(fc.conv2d(a, b, **more).shape, dtype)
+        opts = dict(stride=1, padding=0, dilation=1, groups=1) | more
+        assert not direct.few_channels(_validate.conv2d_backward(gg, a, b, **opts)[3])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 def test_direct_grid_copy_writes_every_element(dtype):
     """The direct method's padded, phase-split copy (`_pad_planes`, which skips zero-filling)
     into a destination full of NaN: every element is written, with x's value or zero, as the

@@ -1,17 +1,17 @@
 """The register-tile micro-kernels (fastconv.kernels._simd.tile4 and tile4t, with 1 to 4
-vectors per row) against NumPy, in both dtypes, on unaligned bases, odd strides and offset
-tables, and an empty reduction; the grad-weight sums (dot_taps) against NumPy, with reductions
-that end mid-vector; the max-pool block (max_block) against a scalar loop, with
-NaNs and ties; its backward (unpool_block) against NumPy, with a NaN gradient and indices
-outside their windows; the register transpose (transpose_block) and the depthwise channels-last
-tiles (tile_dw, dot_dw) against NumPy."""
+vectors per row, and tile1t with 1 to 8) against NumPy, in both dtypes, on unaligned bases,
+odd strides and offset tables, and an empty reduction; the grad-weight sums (dot_taps)
+against NumPy, with reductions that end mid-vector; the max-pool block (max_block) against a
+scalar loop, with NaNs and ties; its backward (unpool_block) against NumPy, with a NaN
+gradient and indices outside their windows; the register transpose (transpose_block) and the
+depthwise channels-last tiles (tile_dw, dot_dw) against NumPy."""
 
 import numpy as np
 import pytest
 from numba import literally, njit
 
-from fastconv.kernels._simd import (POOL_LANES, dot_dw, dot_taps, lanes, max_block, tile4,
-                                    tile4t, tile_dw, transpose_block, unpool_block)
+from fastconv.kernels._simd import (POOL_LANES, dot_dw, dot_taps, lanes, max_block, tile1t,
+                                    tile4, tile4t, tile_dw, transpose_block, unpool_block)
 
 
 @njit
@@ -45,6 +45,34 @@ def test_tile4_matches_numpy(dtype, nvec, r0, r1):
     np.testing.assert_allclose(out, want, rtol=1e-5 if dtype == np.float32 else 1e-13,
                                atol=1e-5 if dtype == np.float32 else 1e-13)
     np.testing.assert_array_equal(out[untouched], before[untouched])
+
+
+@njit
+def _call_1t(w, s0, sstride, src, vb, off, r0, r1, out, q0, nvec):
+    literally(nvec)
+    tile1t(w, s0, sstride, src, vb, off, r0, r1, out, q0, nvec)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("nvec", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("r0,r1", [(0, 40), (5, 9), (3, 3)])
+def test_tile1t_matches_numpy(dtype, nvec, r0, r1):
+    rng = np.random.default_rng(nvec * 10 + r1)
+    span = nvec * lanes(np.dtype(dtype))
+    src = rng.standard_normal(600).astype(dtype)
+    off = rng.integers(0, 600 - span - 9, 40).astype(np.int64)
+    s0, sstride, vb, q0 = 3, 4, 7, 5
+    w = rng.standard_normal(s0 + 40 * sstride).astype(dtype)
+    out = rng.standard_normal(span + 20).astype(dtype)
+    want = out.copy()
+    for r in range(r0, r1):
+        want[q0:q0 + span] += w[s0 + r * sstride] * src[vb + off[r]:vb + off[r] + span]
+    before = out.copy()
+    _call_1t(w, s0, sstride, src, vb, off, r0, r1, out, q0, nvec)
+    tol = 1e-5 if dtype == np.float32 else 1e-13
+    np.testing.assert_allclose(out, want, rtol=tol, atol=tol)
+    np.testing.assert_array_equal(out[:q0], before[:q0])
+    np.testing.assert_array_equal(out[q0 + span:], before[q0 + span:])
 
 
 @njit

@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-DIRECTIONS = ("fwd", "bwd", "bwd-weight")
+DIRECTIONS = ("fwd", "bwd", "bwd-weight", "bwd-input")
 
 
 def load_old(rev):
@@ -88,7 +88,8 @@ def conv(new, old, names, direction="fwd", dtype="float32", method="direct", lay
         if direction == "fwd":
             calls = [lambda m=m: m.conv2d(x, w, **opts, **sh.conf) for m in (new, old)]
         else:
-            need = dict(need_input=False, need_bias=False) if direction == "bwd-weight" else {}
+            need = {"bwd-weight": dict(need_input=False, need_bias=False),
+                    "bwd-input": dict(need_weight=False, need_bias=False)}.get(direction, {})
             calls = [lambda m=m: m.conv2d_backward(g, x, w, **opts, **need, **sh.conf)
                      for m in (new, old)]
         compare(f"{sh.name:14s} {direction} {dtype} {method} {layout}", calls, reps)

@@ -26,8 +26,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, register_jitable
 
-__all__ = ["VECTOR_BYTES", "TILE_VECTORS", "POOL_LANES", "lanes", "tile4", "tile4t", "dot_taps",
-           "tile_dw", "dot_dw", "max_block", "unpool_block", "transpose_block"]
+__all__ = ["VECTOR_BYTES", "TILE_VECTORS", "POOL_LANES", "lanes", "tile4", "tile4t", "tile1t",
+           "dot_taps", "tile_dw", "dot_dw", "max_block", "unpool_block", "transpose_block"]
 
 VECTOR_BYTES = 64  # one accumulator vector
 
@@ -206,6 +206,36 @@ def tile4t(typingctx, w, s0, s1, s2, s3, sstride, src, vb, off, r0, r1, out, q0,
         _tile_codegen(context, builder, n_lanes, src_p.type.pointee, scalar_at, vector_at,
                       a.index(9), a.index(10), a.data(11), [a.index(i) for i in (12, 13, 14, 15)],
                       nvec.literal_value)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def tile1t(typingctx, w, s0, sstride, src, vb, off, r0, r1, out, q0, nvec):
+    """`tile4t` for one output channel: ``out[q0 + l] += sum over r in [r0, r1) of
+    w[s0 + r*sstride] * src[vb + off[r] + l]`` for l < nvec * lanes(src), ``nvec`` a literal
+    1..8. A single channel has no other rows to share its loads, so it takes more vectors of
+    pixels instead (a grad-input of one input channel reduces over every output channel x tap
+    in one register pass, where the 9-tap micro-kernel re-reads its accumulators per chunk)."""
+    if not (_float_arrays(w, src, out) and _literal(nvec, tuple(range(1, 9)))):
+        return None
+    n_lanes = VECTOR_BYTES * 8 // src.dtype.bitwidth
+    sig = types.none(w, s0, sstride, src, vb, off, r0, r1, out, q0, nvec)
+
+    def codegen(context, builder, sig, args):
+        a = _Args(context, builder, sig, args)
+        w_p, src_p = a.data(0), a.data(3)
+        s0, st, vb = a.index(1), a.index(2), a.index(4)
+
+        def scalar_at(r, u):
+            return builder.gep(w_p, [builder.add(s0, builder.mul(r, st))])
+
+        def vector_at(r):
+            return builder.gep(src_p, [builder.add(vb, a.entry(5, r))])
+
+        _tile_codegen(context, builder, n_lanes, src_p.type.pointee, scalar_at, vector_at,
+                      a.index(6), a.index(7), a.data(8), [a.index(9)], nvec.literal_value)
         return context.get_dummy_value()
 
     return sig, codegen

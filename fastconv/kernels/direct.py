@@ -14,8 +14,10 @@ Flattening rows this way gives one long contiguous loop per tile (the columns ``
 computed and dropped). A register tile (fastconv.kernels._simd.tile4t) holds 4 output channels
 x ``NVEC`` vectors of positions in registers over the whole reduction and stores them once
 (16 accumulators with AVX-512's 32 registers, 4 elsewhere), so each loaded input vector feeds
-4 FMAs and each weight NVEC; the last vector of a tile runs past its end rather than leave a
-scalar tail (narrow planes such as 11x11 would spend more there than in the vectors). Where
+4 FMAs and each weight NVEC (a block of one channel, as a grad-input of one input channel or
+a depthwise layer, takes `tile1t`: 2*NVEC vectors, or 4 with AVX2); the last vector of a tile
+runs past its end rather than leave a scalar tail (narrow planes such as 11x11 would spend more
+there than in the vectors). Where
 that would read past the source, the positions left over take a micro-kernel that keeps the 9
 weights of a chunk of 9 taps in registers and makes one pass over them per chunk. 1x1, 3x3,
 5x5 and 11x11 kernels, dilation and groups differ only in their offset tables.
@@ -31,7 +33,10 @@ the same two grids (their widths are made equal) and reduces over ``t`` and ever
 output channels x 9 taps of vector accumulators held in registers throughout
 (fastconv.kernels._simd.dot_taps): summing each image's few hundred positions into memory would
 cost more loads and stores than FMAs. Stride-1 depthwise backward has a fused kernel that pads one
-plane of the grad-output and of the input locally and computes all three gradients from them.
+plane of the grad-output and of the input locally and computes all three gradients from them;
+so has a stride-1 backward of one to four input channels (first layers: there the grad-output
+is large and each of its elements feeds few FMAs, so the separate passes were bound by reading
+it three times and copying it), with one image per work item.
 
 Channels-last arrays (``spec.layout == "NHWC"``) run the kernels of direct_nhwc.py, which read
 them as they are.
@@ -49,8 +54,8 @@ import numpy as np
 from numba import njit, uint64
 
 from . import NUMBA_CACHE, _parallel, _reduce, _simd, direct_nhwc
-from ._numba import cdiv, claim, wide
-from ._simd import dot_taps, lanes, tile4t
+from ._numba import cdiv, claim, sum_flat, wide
+from ._simd import dot_taps, lanes, tile1t, tile4t
 
 __all__ = ["unsupported", "conv2d_forward", "conv2d_backward"]
 
@@ -59,6 +64,8 @@ KB = 4  # output channels per forward / grad-input micro-kernel
 KBW = 3  # output channels per grad-weight micro-kernel (3 x 9 accumulators fit AVX-512's 32)
 TILE = 1024  # target elements per output tile (4 accumulator rows stay in L1)
 NVEC = _simd.TILE_VECTORS  # vectors of positions per register tile, by the CPU's registers
+CHUNK1 = 1000000
+NVEC1 = 2 * NVEC if NVEC > 2 else 4  # the same for a 1-channel tile (tile1t)
 TILE_LOCAL = 4096  # the same for depthwise tiles, which hold one accumulator row
 
 # FMA contraction only: no assumption about NaN/inf, so NaN and inf propagate as in naive.py.
@@ -178,6 +185,46 @@ def _mk1(src, offs, wpk, acc, base, n):
             b += w7 * src[o7 + t]
             b += w8 * src[o8 + t]
             acc[0, t] = b
+
+
+@njit(cache=NUMBA_CACHE, nogil=True)
+def _few_channels_backward_nchw(x, g, goffs, wpk, blocks, dx, xoffs, widx, wblocks, part_w,
+                                part_b, need_bias, geom, counter):
+    """All gradients of a stride-1 convolution with few input channels, one image per item.
+
+    Each item lays its image's grad-output planes out padded on one grid (in cache) and its
+    input on a grid of the same width, then computes the image's dx, its share of dw
+    (part_w[n]) and of db (part_b[n]) from them. g is read from memory once, where the
+    separate passes read it three times and wrote and read a padded copy of it (keras-c1 in
+    float64: about 110 MB moved, 30 here); with one to four input channels that traffic, not
+    the FMAs, is the cost. The shares are summed over images afterwards, in a fixed order.
+    """
+    gpt, gpl, hg, pt, pl, hq, gw = geom
+    n_img, c, h, w = x.shape
+    k, oh, ow = g.shape[1], g.shape[2], g.shape[3]
+    gplane, xplane = hg * gw, hq * gw
+    gf, xf = g.reshape(-1), x.reshape(-1)
+    gl = np.empty((1, k * gplane), dtype=x.dtype)
+    xl = np.empty((1, c * xplane), dtype=x.dtype)
+    n_red = (oh - 1) * gw + ow
+    cgrs = part_w.shape[1] // k
+    no_bias = np.zeros(1, dtype=x.dtype)
+    n = claim(counter)
+    while n < n_img:
+        for kk in range(k):
+            _fill_grid(gf, (n * k + kk) * oh * ow, oh, ow, gl[0], kk * gplane, gpt, gpl, 1, 1,
+                       0, hg, gw)
+            if need_bias:
+                part_b[n, kk] = sum_flat(gf, (n * k + kk) * oh * ow, oh * ow)
+        _correlate_tile(gl[0], 0, n, 0, h, 0, blocks.shape[0], goffs, wpk, blocks, no_bias,
+                        False, dx, gw, w, 1, 0, 1, 0)
+        for cc in range(c):
+            _fill_grid(xf, (n * c + cc) * h * w, h, w, xl[0], cc * xplane, pt, pl, 1, 1, 0, hq,
+                       gw)
+        for item in range(wblocks.shape[0] * widx.shape[0]):
+            _grad_weight_item(item, xl, gl, xoffs, widx, wblocks, gpt * gw + gpl, gplane, n_red,
+                              part_w[n], cgrs)
+        n = claim(counter)
 
 
 @njit(cache=NUMBA_CACHE, nogil=True, fastmath=_FMR)
@@ -311,19 +358,15 @@ def _correlate_item(item, src, offs, wpk, blocks, bias, has_bias, out, gw, nvr, 
     n_blk = wpk.shape[0]
     n_tiles = cdiv(nvr, tile_rows)
     per_part = cdiv(n_blk, nkpart)
-    k_out, oh_out, ow_out = out.shape[1], out.shape[2], out.shape[3]
-    of = out.reshape(-1)
     n = item // (n_tiles * nkpart)
     tile = (item // nkpart) % n_tiles
     part = item % nkpart
     r0 = tile * tile_rows
     nr = min(tile_rows, nvr - r0)
     t0 = r0 * gw
-    m = (nr - 1) * gw + nvc  # the last row stops at its last valid column
     b_lo, b_hi = part * per_part, min(n_blk, (part + 1) * per_part)
     if b_lo >= b_hi:  # parts of ceil(n_blk / nkpart) blocks can leave the last ones empty
         return
-    acc = np.empty((KB, cdiv(tile_rows * gw, 16) * 16), dtype=out.dtype)
     if local:
         lchan = sh * sw * lrows * gw  # a channel's share of the tile grid
         c_lo, c_hi = blocks[b_lo, 2] * cg, (blocks[b_hi - 1, 2] + 1) * cg
@@ -336,23 +379,53 @@ def _correlate_item(item, src, offs, wpk, blocks, bias, has_bias, out, gw, nvr, 
         t0 = -c_lo * lchan
     else:
         img = src[n]
+    _correlate_tile(img, t0, n, r0, nr, b_lo, b_hi, offs, wpk, blocks, bias, has_bias, out, gw,
+                    nvc, ys, yo, xs, xo)
+
+
+@njit(cache=NUMBA_CACHE, nogil=True)
+def _correlate_tile(img, t0, n, r0, nr, b_lo, b_hi, offs, wpk, blocks, bias, has_bias, out, gw,
+                    nvc, ys, yo, xs, xo):
+    """Output rows r0 <= r < r0 + nr of image n for channel blocks b_lo <= b < b_hi, the tile's
+    grid positions starting at img[t0] (see _correlate_nchw)."""
+    k_out, oh_out, ow_out = out.shape[1], out.shape[2], out.shape[3]
+    of = out.reshape(-1)
+    m = (nr - 1) * gw + nvc  # the last row stops at its last valid column
+    acc = np.empty((KB, cdiv(nr * gw, 16) * 16), dtype=out.dtype)
     for blk in range(b_lo, b_hi):
         k0, nv, grp = blocks[blk, 0], blocks[blk, 1], blocks[blk, 2]
         for r in range(KB if nv > 1 else 1):
             for t in range(uint64(m)):  # a slice assignment here is several times slower
                 acc[r, t] = 0
+        # channels x vectors of positions in registers over all taps, then the tail
+        nl = lanes(acc)
+        taps, wts = offs[grp].reshape(-1), wpk[blk].reshape(-1)
+        # the last vector may run past m (into the next row's columns or the slack): those
+        # lanes are computed and dropped, where a scalar tail would cost more than the
+        # vectors on narrow planes
+        mv = cdiv(m, nl) * nl
+        reach = taps.max() if taps.size else 0  # a phase may have no taps
+        tv = mv if t0 + reach + mv <= img.size else m // nl * nl
+        accf, aw = acc.reshape(-1), acc.shape[1]
         if nv == 1:
-            _mk1(img, offs[grp], wpk[blk], acc, t0, m)
-        else:  # 4 channels x vectors of positions in registers over all taps, then the tail
-            nl = lanes(acc)
-            taps, wts = offs[grp].reshape(-1), wpk[blk].reshape(-1)
-            # the last vector may run past m (into the next row's columns or the slack):
-            # those lanes are computed and dropped, where a scalar tail would cost more than
-            # the vectors on narrow planes
-            mv = cdiv(m, nl) * nl
-            reach = taps.max() if taps.size else 0  # a phase may have no taps
-            tv = mv if t0 + reach + mv <= img.size else m // nl * nl
-            accf, aw = acc.reshape(-1), acc.shape[1]
+            tw = tv // (NVEC1 * nl) * (NVEC1 * nl)
+            for c0 in range(0, taps.size, CHUNK1):
+                c1 = min(taps.size, c0 + CHUNK1)
+                for t in range(0, tw, NVEC1 * nl):
+                    tile1t(wts, 0, KB, img, t0 + t, taps, c0, c1, accf, t, NVEC1)
+            # what is left, by halving widths: one vector alone is an FMA latency chain
+            t = tw
+            if NVEC1 > 4 and t + 4 * nl <= tv:
+                tile1t(wts, 0, KB, img, t0 + t, taps, 0, taps.size, accf, t, 4)
+                t += 4 * nl
+            if t + 2 * nl <= tv:
+                tile1t(wts, 0, KB, img, t0 + t, taps, 0, taps.size, accf, t, 2)
+                t += 2 * nl
+            if t < tv:
+                tile1t(wts, 0, KB, img, t0 + t, taps, 0, taps.size, accf, t, 1)
+            if tv < m:
+                _mk1(img, offs[grp], wpk[blk], acc[:, tv:], t0 + tv, m - tv)
+        else:
             tw = m // (NVEC * nl) * (NVEC * nl)
             for t in range(0, tw, NVEC * nl):
                 tile4t(wts, 0, 1, 2, 3, KB, img, t0 + t, taps, 0, taps.size, accf, t, aw + t,
@@ -886,6 +959,45 @@ def _depthwise_backward(g, x, w, spec, need_input, need_weight, need_bias):
             part_b.sum(axis=0) if need_bias else None)
 
 
+#: The largest padded grad-output image (bytes) an item of the few-channel backward lays out:
+#: it should stay in the core's L2 while dx and dw read it.
+FEW_CHANNELS_GRID = 1 << 20
+#: Input channels up to which a stride-1 backward takes the fused one-image-per-item kernel.
+FEW_CHANNELS = 4
+#: ... and images at least (one image per work item)
+FEW_CHANNELS_BATCH = 4
+
+
+def few_channels(spec):
+    """Whether the backward of ``spec`` takes few_channels_backward (the spec decides, never
+    the thread count, so that results do not depend on it)."""
+    n, c = spec.x_shape[:2]
+    if c > FEW_CHANNELS or spec.groups != 1 or spec.stride != (1, 1) or n < FEW_CHANNELS_BATCH:
+        return False
+    grid = _grad_input_plan(spec, _input_grid(spec).gw).grid
+    return spec.w_shape[0] * grid.plane * np.dtype(spec.dtype).itemsize <= FEW_CHANNELS_GRID
+
+
+def few_channels_backward(g, x, w, spec, need_bias):
+    n, c = spec.x_shape[:2]
+    k, cg, r, s = spec.w_shape
+    xgrid = _input_grid(spec)
+    gplan = _grad_input_plan(spec, xgrid.gw)  # stride 1: one phase
+    ggrid, ph = gplan.grid, gplan.phases[0]
+    xgrid = xgrid._replace(gw=ggrid.gw)
+    xoffs, widx, _, uniq = _input_taps(spec, xgrid)
+    wpk = _packed(w, ph.wbase, ph.wdiv, r * s, gplan.blocks)
+    dx = np.empty(spec.x_shape, dtype=spec.dtype)
+    part_w = np.empty((n, k * cg * r * s), dtype=spec.dtype)
+    part_b = np.empty((n, k))
+    args = (x, g, ph.offs, wpk, gplan.blocks, dx, xoffs, uniq, _weight_blocks(1, k), part_w,
+            part_b, need_bias, (ggrid.pt, ggrid.pl, ggrid.hq, xgrid.pt, xgrid.pl, xgrid.hq,
+                                ggrid.gw))
+    _parallel.run(_few_channels_backward_nchw, args, n, _parallel.conv_work_ns(spec))
+    db = part_b.sum(axis=0).astype(spec.dtype) if need_bias else None
+    return dx, np.add.reduce(part_w, axis=0).reshape(spec.w_shape), db
+
+
 def conv2d_backward(g, x, w, spec, need_input, need_weight, need_bias):
     if spec.layout == "NHWC":
         return direct_nhwc.conv2d_backward(g, x, w, spec, need_input, need_weight, need_bias)
@@ -893,6 +1005,8 @@ def conv2d_backward(g, x, w, spec, need_input, need_weight, need_bias):
     if (spec.groups == c == spec.w_shape[0] and spec.stride == (1, 1)
             and (need_input or need_weight)):
         return _depthwise_backward(g, x, w, spec, need_input, need_weight, need_bias)
+    if need_input and need_weight and few_channels(spec):
+        return few_channels_backward(g, x, w, spec, need_bias)
     dx = dw = db = None
     n, c, h, wd = spec.x_shape
     k, cg, r, s = spec.w_shape

@@ -657,7 +657,23 @@ def _grad_input_nchw(g, w, spec):
     return layout.to_nhwc(dx)
 
 
+def _few_channels_nchw(g, x, w, spec, need_bias):
+    """All gradients of a first layer (direct's fused few-channel backward, in NCHW): the
+    grad-output is transposed once, for dx's sake anyway, and then read once for all three;
+    the input, dx and dw, with their few channels, are small."""
+    from . import direct, layout
+
+    wn = np.ascontiguousarray(w.transpose(3, 2, 0, 1))
+    dx, dw, db = direct.few_channels_backward(layout.to_nchw(g), layout.to_nchw(x), wn,
+                                              spec._replace(layout="NCHW"), need_bias)
+    return layout.to_nhwc(dx), np.ascontiguousarray(dw.transpose(2, 3, 1, 0)), db
+
+
 def conv2d_backward(g, x, w, spec, need_input, need_weight, need_bias):
+    from . import direct
+
+    if need_input and need_weight and direct.few_channels(spec):
+        return _few_channels_nchw(g, x, w, spec, need_bias)
     if need_input and spec.w_shape[1] < lanes(np.dtype(spec.dtype)) and not _depthwise(spec):
         dx = _grad_input_nchw(g, w, spec)
     else:
