@@ -14,13 +14,13 @@ Flattening rows this way gives one long contiguous loop per tile (the columns ``
 computed and dropped). A register tile (fastconv.kernels._simd.tile4t) holds 4 output channels
 x ``NVEC`` vectors of positions in registers over the whole reduction and stores them once
 (16 accumulators with AVX-512's 32 registers, 4 elsewhere), so each loaded input vector feeds
-4 FMAs and each weight NVEC (a block of one channel, as a grad-input of one input channel or
-a depthwise layer, takes `tile1t`: 2*NVEC vectors, or 4 with AVX2); the last vector of a tile
-runs past its end rather than leave a scalar tail (narrow planes such as 11x11 would spend more
-there than in the vectors). Where
-that would read past the source, the positions left over take a micro-kernel that keeps the 9
-weights of a chunk of 9 taps in registers and makes one pass over them per chunk. 1x1, 3x3,
-5x5 and 11x11 kernels, dilation and groups differ only in their offset tables.
+4 FMAs and each weight NVEC (a block of one channel over more than 9 taps, as a grad-input of
+one input channel, takes `tile1t`: 2*NVEC vectors, or 4 with AVX2); the last vector of a tile
+runs past its end rather than leave a scalar tail (narrow planes such as 11x11 would spend
+more there than in the vectors). Where that would read past the source, the positions left
+over take a micro-kernel that keeps the 9 weights of a chunk of 9 taps in registers and makes
+one pass over them per chunk. 1x1, 3x3, 5x5 and 11x11 kernels, dilation and groups differ only
+in their offset tables.
 
 In the forward pass each work item builds just the grid rows of its tile (all channels its
 output channels read), in cache, right before using them: no padded copy of the whole input
@@ -407,7 +407,9 @@ def _correlate_tile(img, t0, n, r0, nr, b_lo, b_hi, offs, wpk, blocks, bias, has
         reach = taps.max() if taps.size else 0  # a phase may have no taps
         tv = mv if t0 + reach + mv <= img.size else m // nl * nl
         accf, aw = acc.reshape(-1), acc.shape[1]
-        if nv == 1:
+        if nv == 1 and taps.size <= TAPS:  # one pass of _mk1 (depthwise 3x3): no faster
+            _mk1(img, offs[grp], wpk[blk], acc, t0, m)
+        elif nv == 1:
             tw = tv // (NVEC1 * nl) * (NVEC1 * nl)
             for c0 in range(0, taps.size, CHUNK1):
                 c1 = min(taps.size, c0 + CHUNK1)
