@@ -207,15 +207,18 @@ def test_layout_transposes_match_numpy(dtype):
     ((2, 5, 6, 11), (70, 5, 3, 3), dict(padding=1)),  # 64 + 6 channels, 4 + 4 + 3 pixels
     ((2, 1, 12, 12), (30, 1, 5, 5), {}),  # lenet-like: 30 channels, 8 pixels a row
     ((2, 3, 9, 13), (40, 3, 3, 3), dict(stride=2)),  # 40 channels, 6 pixels a row
+    ((8, 3, 20, 21), (24, 3, 3, 3), {}),  # forward by NCHW tiles: 19 pixels, 24 channels
     ((2, 20, 9, 11), (24, 20, 3, 3), dict(padding=1, stride=2)),  # grad-input: 20 channels
     ((2, 72, 5, 9), (72, 1, 3, 3), dict(padding=1, groups=72)),  # depthwise: 64 + 8, 9 pixels
     ((2, 64, 9, 10), (64, 1, 3, 3), dict(padding=1, stride=2, groups=64)),
-], ids=["k70", "k30", "k40-s2", "c20-s2", "dw72", "dw64-s2"])
+], ids=["k70", "k30", "k40-s2", "k24", "c20-s2", "dw72", "dw64-s2"])
 def test_direct_nhwc_register_tiles_match_naive(x_shape, w_shape, conf, dtype):
     """direct's channels-last register tiles where channels and pixels are not multiples of
     a tile (the last group of 4 pixels and the last vector of channels overlap the tiles
     before them, computed again in a scratch tile and not stored twice) and depthwise tiles
-    of 4 pixels x up to 4 vectors of channels: forward and all gradients against naive."""
+    of 4 pixels x up to 4 vectors of channels; first layers' forward by the NCHW tiles, stored
+    channels-last through overlapping register transposes: forward and all gradients against
+    naive."""
     rng = np.random.default_rng(42)
     x = rng.standard_normal(x_shape).astype(dtype)
     w = rng.standard_normal(w_shape).astype(dtype)

@@ -55,7 +55,7 @@ from numba import njit, uint64
 
 from . import NUMBA_CACHE, _parallel, _reduce, _simd, direct_nhwc
 from ._numba import cdiv, claim, sum_flat, wide
-from ._simd import dot_taps, lanes, tile1t, tile4t
+from ._simd import dot_taps, lanes, tile1t, tile4t, transpose_block
 
 __all__ = ["unsupported", "conv2d_forward", "conv2d_backward"]
 
@@ -190,41 +190,51 @@ def _mk1(src, offs, wpk, acc, base, n):
 @njit(cache=NUMBA_CACHE, nogil=True)
 def _few_channels_backward_nchw(x, g, goffs, wpk, blocks, dx, xoffs, widx, wblocks, part_w,
                                 part_b, need_bias, geom, counter):
-    """All gradients of a stride-1 convolution with few input channels, one image per item.
+    """All gradients of a stride-1 convolution with few input channels, ``ib`` images per item.
 
-    Each item lays its image's grad-output planes out padded on one grid (in cache) and its
-    input on a grid of the same width, then computes the image's dx, its share of dw
-    (part_w[n]) and of db (part_b[n]) from them. g is read from memory once, where the
+    Each item lays its images' grad-output planes out padded on grids (in cache) and their
+    inputs on grids of the same width, then computes the images' dx, their share of dw
+    (part_w[item]) and of db (part_b[n]) from them. g is read from memory once, where the
     separate passes read it three times and wrote and read a padded copy of it (keras-c1 in
     float64: about 110 MB moved, 30 here); with one to four input channels that traffic, not
-    the FMAs, is the cost. The shares are summed over images afterwards, in a fixed order.
+    the FMAs, is the cost. Several images per item let each grad-weight register pass run
+    over all of them (per image, its setup and lane sums cost as much as its FMAs). The
+    shares are summed afterwards, in a fixed order.
     """
-    gpt, gpl, hg, pt, pl, hq, gw = geom
+    gpt, gpl, hg, pt, pl, hq, gw, ib = geom
     n_img, c, h, w = x.shape
     k, oh, ow = g.shape[1], g.shape[2], g.shape[3]
     gplane, xplane = hg * gw, hq * gw
     gf, xf = g.reshape(-1), x.reshape(-1)
-    gl = np.empty((1, k * gplane), dtype=x.dtype)
-    xl = np.empty((1, c * xplane), dtype=x.dtype)
+    gl = np.empty((ib, k * gplane), dtype=x.dtype)
+    xl = np.empty((ib, c * xplane), dtype=x.dtype)
     n_red = (oh - 1) * gw + ow
     cgrs = part_w.shape[1] // k
     no_bias = np.zeros(1, dtype=x.dtype)
-    n = claim(counter)
-    while n < n_img:
-        for kk in range(k):
-            _fill_grid(gf, (n * k + kk) * oh * ow, oh, ow, gl[0], kk * gplane, gpt, gpl, 1, 1,
-                       0, hg, gw)
-            if need_bias:
-                part_b[n, kk] = sum_flat(gf, (n * k + kk) * oh * ow, oh * ow)
-        _correlate_tile(gl[0], 0, n, 0, h, 0, blocks.shape[0], goffs, wpk, blocks, no_bias,
-                        False, dx, gw, w, 1, 0, 1, 0)
-        for cc in range(c):
-            _fill_grid(xf, (n * c + cc) * h * w, h, w, xl[0], cc * xplane, pt, pl, 1, 1, 0, hq,
-                       gw)
-        for item in range(wblocks.shape[0] * widx.shape[0]):
-            _grad_weight_item(item, xl, gl, xoffs, widx, wblocks, gpt * gw + gpl, gplane, n_red,
-                              part_w[n], cgrs)
-        n = claim(counter)
+    sums = np.empty((TAPS, KBW), dtype=x.dtype)
+    vsums = np.empty(TAPS * KBW * lanes(x), dtype=x.dtype)
+    item = claim(counter)
+    while item * ib < n_img:
+        for i in range(ib):
+            n = item * ib + i
+            if n >= n_img:  # the last item's empty slots add nothing to dw
+                gl[i, :] = 0
+                xl[i, :] = 0
+                continue
+            for kk in range(k):
+                _fill_grid(gf, (n * k + kk) * oh * ow, oh, ow, gl[i], kk * gplane, gpt, gpl, 1,
+                           1, 0, hg, gw)
+                if need_bias:
+                    part_b[n, kk] = sum_flat(gf, (n * k + kk) * oh * ow, oh * ow)
+            _correlate_tile(gl[i], 0, n, 0, h, 0, blocks.shape[0], goffs, wpk, blocks, no_bias,
+                            False, dx, gw, w, 1, 0, 1, 0, no_bias, False)
+            for cc in range(c):
+                _fill_grid(xf, (n * c + cc) * h * w, h, w, xl[i], cc * xplane, pt, pl, 1, 1, 0,
+                           hq, gw)
+        for j in range(wblocks.shape[0] * widx.shape[0]):
+            _grad_weight_sums(j, xl, gl, xoffs, widx, wblocks, gpt * gw + gpl, gplane, n_red,
+                              part_w[item], cgrs, sums, vsums)
+        item = claim(counter)
 
 
 @njit(cache=NUMBA_CACHE, nogil=True, fastmath=_FMR)
@@ -331,7 +341,7 @@ def _dwk1(xs, offs, gs, g0, sums, n):
 
 @njit(cache=NUMBA_CACHE, nogil=True)
 def _correlate_nchw(src, offs, wpk, blocks, bias, has_bias, out, gw, nvr, nvc, ys, yo, xs, xo,
-                    tile_rows, nkpart, local, geom, counter):
+                    tile_rows, nkpart, local, geom, nhwc, counter):
     """out[n, k, r*ys + yo, v*xs + xo] = bias[k] + sum over taps of w * src[n, off + r*gw + v].
 
     src is (images, flat grid); offs[g, chunk, 9] the tap offsets of group g; wpk[block, chunk,
@@ -342,18 +352,22 @@ def _correlate_nchw(src, offs, wpk, blocks, bias, has_bias, out, gw, nvr, nvc, y
     With ``local``, src is the unpadded input (images, C*H*W) and each item builds the grid rows
     of its tile for just its groups' channels (geom = C, H, W, pt, pl, sh, sw, grid rows per
     tile, channels per group): for depthwise layers this halves the memory traffic.
+
+    With ``nhwc``, out is (N, OH, OW, K) and out[n, r*ys + yo, v*xs + xo, k] is written instead.
     """
     n_items = src.shape[0] * cdiv(nvr, tile_rows) * nkpart
+    # the channels-last store's scratch, once per thread (a fresh one per tile page-faults)
+    scr = np.empty(out.shape[3] * cdiv(tile_rows * gw, 16) * 16 if nhwc else 0, dtype=out.dtype)
     item = claim(counter)
     while item < n_items:
         _correlate_item(item, src, offs, wpk, blocks, bias, has_bias, out, gw, nvr, nvc,
-                        ys, yo, xs, xo, tile_rows, nkpart, local, geom)
+                        ys, yo, xs, xo, tile_rows, nkpart, local, geom, scr, nhwc)
         item = claim(counter)
 
 
 @njit(cache=NUMBA_CACHE, nogil=True)
 def _correlate_item(item, src, offs, wpk, blocks, bias, has_bias, out, gw, nvr, nvc, ys, yo, xs,
-                    xo, tile_rows, nkpart, local, geom):
+                    xo, tile_rows, nkpart, local, geom, scr, nhwc):
     _, h, w, pt, pl, sh, sw, lrows, cg = geom
     n_blk = wpk.shape[0]
     n_tiles = cdiv(nvr, tile_rows)
@@ -380,18 +394,24 @@ def _correlate_item(item, src, offs, wpk, blocks, bias, has_bias, out, gw, nvr, 
     else:
         img = src[n]
     _correlate_tile(img, t0, n, r0, nr, b_lo, b_hi, offs, wpk, blocks, bias, has_bias, out, gw,
-                    nvc, ys, yo, xs, xo)
+                    nvc, ys, yo, xs, xo, scr, nhwc)
 
 
 @njit(cache=NUMBA_CACHE, nogil=True)
 def _correlate_tile(img, t0, n, r0, nr, b_lo, b_hi, offs, wpk, blocks, bias, has_bias, out, gw,
-                    nvc, ys, yo, xs, xo):
+                    nvc, ys, yo, xs, xo, scr, nhwc):
     """Output rows r0 <= r < r0 + nr of image n for channel blocks b_lo <= b < b_hi, the tile's
-    grid positions starting at img[t0] (see _correlate_nchw)."""
+    grid positions starting at img[t0] (see _correlate_nchw); with ``nhwc``, through ``scr``
+    (room for all channels' rows of the tile)."""
     k_out, oh_out, ow_out = out.shape[1], out.shape[2], out.shape[3]
+    if nhwc:
+        oh_out, ow_out, k_out = out.shape[1], out.shape[2], out.shape[3]
     of = out.reshape(-1)
+    acc_width = cdiv(nr * gw, 16) * 16
+    kc0 = blocks[b_lo, 0]
+    kc1 = blocks[b_hi - 1, 0] + blocks[b_hi - 1, 1]
     m = (nr - 1) * gw + nvc  # the last row stops at its last valid column
-    acc = np.empty((KB, cdiv(nr * gw, 16) * 16), dtype=out.dtype)
+    acc = np.empty((KB, acc_width), dtype=out.dtype)
     for blk in range(b_lo, b_hi):
         k0, nv, grp = blocks[blk, 0], blocks[blk, 1], blocks[blk, 2]
         for r in range(KB if nv > 1 else 1):
@@ -437,6 +457,13 @@ def _correlate_tile(img, t0, n, r0, nr, b_lo, b_hi, offs, wpk, blocks, bias, has
                        2 * aw + t, 3 * aw + t, 1)
             if tv < m:  # only where a full vector would read past the source
                 _mk4(img, offs[grp], wpk[blk], acc[:, tv:], t0 + tv, m - tv)
+        if nhwc:  # into the tile's channels-major scratch, stored transposed at the end
+            for r in range(nv):
+                bk = bias[k0 + r] if has_bias else 0
+                s0 = uint64((k0 + r - kc0) * acc_width)
+                for t in range(uint64(m)):
+                    scr[s0 + t] = acc[r, t] + bk
+            continue
         for r in range(nv):
             k = k0 + r
             obase = ((n * k_out + k) * oh_out + yo) * ow_out + xo
@@ -453,6 +480,33 @@ def _correlate_tile(img, t0, n, r0, nr, b_lo, b_hi, offs, wpk, blocks, bias, has
                 else:
                     for v in range(uint64(nvc)):
                         of[o0 + v] = acc[r, a0 + v]
+    if nhwc:
+        for rr in range(nr):
+            o0 = ((n * oh_out + (r0 + rr) * ys + yo) * ow_out + xo) * k_out + kc0
+            _store_channels_last(scr, rr * gw, acc_width, kc1 - kc0, of, o0, xs * k_out, nvc)
+
+
+@njit(cache=NUMBA_CACHE, nogil=True)
+def _store_channels_last(scr, a0, sstride, nk, of, o0, ostep, nv):
+    """of[o0 + v*ostep + k] = scr[k*sstride + a0 + v] for k < nk, v < nv: blocks of lanes x
+    lanes transposed in registers, the last block of each side overlapping the one before it
+    (a copy, so writing those elements twice is harmless; an element-by-element edge cost a
+    third of keras-c1's store), element by element only where a side is shorter than a block."""
+    nl = lanes(scr)
+    if nv < nl or nk < nl:
+        for v in range(nv):
+            for k in range(nk):
+                of[o0 + v * ostep + k] = scr[k * sstride + a0 + v]
+        return
+    v = 0
+    while v < nv:
+        v = min(v, nv - nl)
+        k = 0
+        while k < nk:
+            k = min(k, nk - nl)
+            transpose_block(scr, k * sstride + a0 + v, sstride, of, o0 + v * ostep + k, ostep)
+            k += nl
+        v += nl
 
 
 @njit(cache=NUMBA_CACHE, nogil=True)
@@ -473,16 +527,30 @@ def _grad_weight_nchw(xsrc, gsrc, offs, widx, blocks, gbase, gplane, n_red, dwfl
 
 @njit(cache=NUMBA_CACHE, nogil=True)
 def _grad_weight_item(item, xsrc, gsrc, offs, widx, blocks, gbase, gplane, n_red, dwflat, cgrs):
+    sums = np.empty((TAPS, KBW), dtype=dwflat.dtype)
+    vsums = np.empty(TAPS * KBW * lanes(sums), dtype=dwflat.dtype)
+    _grad_weight_sums(item, xsrc, gsrc, offs, widx, blocks, gbase, gplane, n_red, dwflat, cgrs,
+                      sums, vsums)
+
+
+@njit(cache=NUMBA_CACHE, nogil=True)
+def _grad_weight_sums(item, xsrc, gsrc, offs, widx, blocks, gbase, gplane, n_red, dwflat, cgrs,
+                      sums, vsums):
+    """Item ``item`` of _grad_weight_nchw, summed over all images of xsrc and gsrc, in the
+    caller's scratch ``sums`` and ``vsums`` (the fused few-channel backward makes an item per
+    image and block: allocating them each time, and a slice's sum per lane group, cost it a
+    third of its grad-weight)."""
     n_ch = widx.shape[0]
     blk = item // n_ch
     ch = item % n_ch
     k0, nv, grp = blocks[blk, 0], blocks[blk, 1], blocks[blk, 2]
     o = offs[grp, ch]
-    sums = np.zeros((TAPS, KBW), dtype=dwflat.dtype)
+    sums[:] = 0
     g0 = k0 * gplane + gbase
     n_img = xsrc.shape[0]
-    if n_red >= lanes(sums):
-        vsums = np.zeros(TAPS * KBW * lanes(sums), dtype=dwflat.dtype)
+    nl = lanes(sums)
+    if n_red >= nl:
+        vsums[:] = 0
         xst, gst = xsrc.shape[1], gsrc.shape[1]
         if nv == 1:
             dot_taps(xsrc, xst, o, gsrc, gst, g0, gplane, n_img, n_red, vsums, TAPS, 1)
@@ -492,7 +560,11 @@ def _grad_weight_item(item, xsrc, gsrc, offs, widx, blocks, gbase, gplane, n_red
             dot_taps(xsrc, xst, o, gsrc, gst, g0, gplane, n_img, n_red, vsums, TAPS, 3)
         for j in range(TAPS):
             for r in range(nv):
-                sums[j, r] = vsums[(j * nv + r) * lanes(sums):][:lanes(sums)].sum()
+                base = (j * nv + r) * nl
+                total = vsums[base]
+                for lane in range(1, nl):
+                    total += vsums[base + lane]
+                sums[j, r] = total
     else:
         for n in range(n_img):
             if nv == 1:
@@ -579,6 +651,18 @@ def _fill_grid(xf, xo, h, w, df, do, pt, pl, sh, sw, r0, rows, gw):
     or 0 outside the image. Flat unsigned indices: a slice per row costs more than the row."""
     usw = uint64(sw)
     ugw = uint64(gw)
+    if sh == 1 and sw == 1:  # zero the rows in one loop, then copy the image's part in
+        d0 = uint64(do)
+        for t in range(uint64(rows * gw)):
+            df[d0 + t] = 0
+        vlo = min(gw, max(0, pl))
+        vhi = max(vlo, min(gw, w + pl))
+        for u in range(max(0, pt - r0), min(rows, h + pt - r0)):
+            d1 = uint64(do + u * gw + vlo)
+            s1 = uint64(xo + (r0 + u - pt) * w + vlo - pl)
+            for v in range(uint64(vhi - vlo)):
+                df[d1 + v] = xf[s1 + v]
+        return
     for a in range(sh):
         for b in range(sw):
             base = do + (a * sw + b) * rows * gw
@@ -895,7 +979,7 @@ def _tiling(n_img, nvr, gw, n_blk):
 
 
 def _correlate(src, offs, wpk, blocks, bias, out, gw, nvr, nvc, ys=1, yo=0, xs=1, xo=0,
-               local=None, work_ns=0):
+               local=None, work_ns=0, nhwc=False):
     n_img, n_blk = src.shape[0], blocks.shape[0]
     if local is None:
         rows, parts = _tiling(n_img, nvr, gw, n_blk)
@@ -908,7 +992,8 @@ def _correlate(src, offs, wpk, blocks, bias, out, gw, nvr, nvc, ys=1, yo=0, xs=1
     if not has_bias:
         bias = np.zeros(1, dtype=out.dtype)
     _parallel.run(_correlate_nchw, (src, offs, wpk, blocks, bias, has_bias, out, gw, nvr, nvc,
-                                    ys, yo, xs, xo, rows, parts, local is not None, geom),
+                                    ys, yo, xs, xo, rows, parts, local is not None, geom,
+                                    nhwc),
                   n_img * cdiv(nvr, rows) * parts, work_ns)
 
 
@@ -922,17 +1007,19 @@ def _packed(w, wbase, wdiv, cstride, blocks):
 # conv2d entry points
 
 
-def conv2d_forward(x, w, b, spec):
+def conv2d_forward(x, w, b, spec, channels_last_out=False):
+    """The forward of an NCHW ``spec`` (channels-last specs go to direct_nhwc); with
+    ``channels_last_out`` the result is (N, OH, OW, K), written so from the register tiles."""
     if spec.layout == "NHWC":
         return direct_nhwc.conv2d_forward(x, w, b, spec)
     plan = _fwd_plan(spec)
     src = x.reshape(x.shape[0], -1)  # items pad their own tiles
     cgrs = int(np.prod(spec.w_shape[1:]))
     wpk = _packed(w, plan.wbase, plan.wdiv, cgrs, plan.blocks)
-    out = np.empty(spec.out_shape, dtype=spec.dtype)
-    oh, ow = spec.out_hw
+    n, k, oh, ow = spec.out_shape
+    out = np.empty((n, oh, ow, k) if channels_last_out else (n, k, oh, ow), dtype=spec.dtype)
     _correlate(src, plan.offs, wpk, plan.blocks, b, out, plan.grid.gw, oh, ow, local=plan.local,
-               work_ns=_parallel.conv_work_ns(spec))
+               work_ns=_parallel.conv_work_ns(spec), nhwc=channels_last_out)
     return out
 
 
@@ -966,8 +1053,10 @@ def _depthwise_backward(g, x, w, spec, need_input, need_weight, need_bias):
 FEW_CHANNELS_GRID = 1 << 20
 #: Input channels up to which a stride-1 backward takes the fused one-image-per-item kernel.
 FEW_CHANNELS = 4
-#: ... and images at least (one image per work item)
+#: ... and images at least
 FEW_CHANNELS_BATCH = 4
+#: Images per work item of the few-channel backward, at most.
+FEW_CHANNELS_IMAGES = 4
 
 
 def few_channels(spec):
@@ -990,12 +1079,16 @@ def few_channels_backward(g, x, w, spec, need_bias):
     xoffs, widx, _, uniq = _input_taps(spec, xgrid)
     wpk = _packed(w, ph.wbase, ph.wdiv, r * s, gplan.blocks)
     dx = np.empty(spec.x_shape, dtype=spec.dtype)
-    part_w = np.empty((n, k * cg * r * s), dtype=spec.dtype)
+    # images per item: as many as fit the grid budget, up to FEW_CHANNELS_IMAGES
+    per = (k * ggrid.plane + c * xgrid.plane) * np.dtype(spec.dtype).itemsize
+    ib = max(1, min(FEW_CHANNELS_IMAGES, FEW_CHANNELS_GRID // per))
+    part_w = np.empty((cdiv(n, ib), k * cg * r * s), dtype=spec.dtype)
     part_b = np.empty((n, k))
     args = (x, g, ph.offs, wpk, gplan.blocks, dx, xoffs, uniq, _weight_blocks(1, k), part_w,
             part_b, need_bias, (ggrid.pt, ggrid.pl, ggrid.hq, xgrid.pt, xgrid.pl, xgrid.hq,
-                                ggrid.gw))
-    _parallel.run(_few_channels_backward_nchw, args, n, _parallel.conv_work_ns(spec))
+                                ggrid.gw, ib))
+    _parallel.run(_few_channels_backward_nchw, args, part_w.shape[0],
+                  _parallel.conv_work_ns(spec))
     db = part_b.sum(axis=0).astype(spec.dtype) if need_bias else None
     return dx, np.add.reduce(part_w, axis=0).reshape(spec.w_shape), db
 
