@@ -201,9 +201,11 @@ def _few_channels_backward_nchw(x, g, goffs, wpk, blocks, dx, xoffs, widx, wbloc
     over all of them (per image, its setup and lane sums cost as much as its FMAs). The
     shares are summed afterwards, in a fixed order.
     """
-    gpt, gpl, hg, pt, pl, hq, gw, ib = geom
+    gpt, gpl, hg, pt, pl, hq, gw, ib, g_nhwc = geom
     n_img, c, h, w = x.shape
     k, oh, ow = g.shape[1], g.shape[2], g.shape[3]
+    if g_nhwc:  # g is (N, OH, OW, K)
+        oh, ow, k = g.shape[1], g.shape[2], g.shape[3]
     gplane, xplane = hg * gw, hq * gw
     gf, xf = g.reshape(-1), x.reshape(-1)
     gl = np.empty((ib, k * gplane), dtype=x.dtype)
@@ -221,7 +223,12 @@ def _few_channels_backward_nchw(x, g, goffs, wpk, blocks, dx, xoffs, widx, wbloc
                 gl[i, :] = 0
                 xl[i, :] = 0
                 continue
-            for kk in range(k):
+            if g_nhwc:
+                _fill_grids_channels_last(gf, n, oh, ow, k, gl[i], gpt, gpl, gplane, gw)
+                if need_bias:  # the grid's zeros add nothing
+                    for kk in range(k):
+                        part_b[n, kk] = sum_flat(gl[i], kk * gplane, gplane)
+            for kk in range(k if not g_nhwc else 0):
                 _fill_grid(gf, (n * k + kk) * oh * ow, oh, ow, gl[i], kk * gplane, gpt, gpl, 1,
                            1, 0, hg, gw)
                 if need_bias:
@@ -235,6 +242,35 @@ def _few_channels_backward_nchw(x, g, goffs, wpk, blocks, dx, xoffs, widx, wbloc
             _grad_weight_sums(j, xl, gl, xoffs, widx, wblocks, gpt * gw + gpl, gplane, n_red,
                               part_w[item], cgrs, sums, vsums)
         item = claim(counter)
+
+
+@njit(cache=NUMBA_CACHE, nogil=True)
+def _fill_grids_channels_last(gf, n, oh, ow, k, dst, pt, pl, plane, gw):
+    """dst[kk*plane + (i + pt)*gw + pl + j] = g[n, i, j, kk] (g channels-last, flat), zero
+    elsewhere: image n's grad-output moved into K padded planes by blocks of lanes x lanes
+    transposed in registers, as `_store_channels_last` in reverse, so that a channels-last
+    grad-output is never transposed whole."""
+    nl = lanes(dst)
+    d0 = uint64(0)
+    for t in range(uint64(k * plane)):
+        dst[d0 + t] = 0
+    for i in range(oh):
+        src = ((n * oh + i) * ow) * k  # pixel (i, 0), channel 0
+        row = (i + pt) * gw + pl
+        if ow < nl or k < nl:
+            for j in range(ow):
+                for kk in range(k):
+                    dst[kk * plane + row + j] = gf[src + j * k + kk]
+            continue
+        j = 0
+        while j < ow:
+            j = min(j, ow - nl)
+            kk = 0
+            while kk < k:
+                kk = min(kk, k - nl)
+                transpose_block(gf, src + j * k + kk, k, dst, kk * plane + row + j, plane)
+                kk += nl
+            j += nl
 
 
 @njit(cache=NUMBA_CACHE, nogil=True, fastmath=_FMR)
@@ -1069,7 +1105,9 @@ def few_channels(spec):
     return spec.w_shape[0] * grid.plane * np.dtype(spec.dtype).itemsize <= FEW_CHANNELS_GRID
 
 
-def few_channels_backward(g, x, w, spec, need_bias):
+def few_channels_backward(g, x, w, spec, need_bias, g_nhwc=False):
+    """All gradients of a `few_channels` spec; ``g`` may be channels-last (``g_nhwc``), x, w
+    and the results are NCHW / OIHW."""
     n, c = spec.x_shape[:2]
     k, cg, r, s = spec.w_shape
     xgrid = _input_grid(spec)
@@ -1086,7 +1124,7 @@ def few_channels_backward(g, x, w, spec, need_bias):
     part_b = np.empty((n, k))
     args = (x, g, ph.offs, wpk, gplan.blocks, dx, xoffs, uniq, _weight_blocks(1, k), part_w,
             part_b, need_bias, (ggrid.pt, ggrid.pl, ggrid.hq, xgrid.pt, xgrid.pl, xgrid.hq,
-                                ggrid.gw, ib))
+                                ggrid.gw, ib, g_nhwc))
     _parallel.run(_few_channels_backward_nchw, args, part_w.shape[0],
                   _parallel.conv_work_ns(spec))
     db = part_b.sum(axis=0).astype(spec.dtype) if need_bias else None

@@ -684,14 +684,15 @@ def _grad_input_nchw(g, w, spec):
 
 
 def _few_channels_nchw(g, x, w, spec, need_bias):
-    """All gradients of a first layer (direct's fused few-channel backward, in NCHW): the
-    grad-output is transposed once, for dx's sake anyway, and then read once for all three;
-    the input, dx and dw, with their few channels, are small."""
+    """All gradients of a first layer by direct's fused few-channel backward: it reads the
+    channels-last grad-output once, moving each image into its padded NCHW grids in cache;
+    the input, dx and dw, with their few channels, are small and transposed whole."""
     from . import direct, layout
 
     wn = np.ascontiguousarray(w.transpose(3, 2, 0, 1))
-    dx, dw, db = direct.few_channels_backward(layout.to_nchw(g), layout.to_nchw(x), wn,
-                                              spec._replace(layout="NCHW"), need_bias)
+    dx, dw, db = direct.few_channels_backward(g, layout.to_nchw(x), wn,
+                                              spec._replace(layout="NCHW"), need_bias,
+                                              g_nhwc=True)
     return layout.to_nhwc(dx), np.ascontiguousarray(dw.transpose(2, 3, 1, 0)), db
 
 
