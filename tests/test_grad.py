@@ -135,10 +135,11 @@ def test_backward_is_deterministic(method):
     ((6, 4, 7, 7), (1, 4, 1, 1), {}),  # one filter, 1x1
     ((4, 4, 6, 9), (9, 4, 3, 5), dict(padding="same")),
     ((4, 2, 6, 20), (24, 2, 3, 3), {}),  # NHWC: whole register transposes of 18 pixels
-], ids=["c1-k30", "c1-k7", "c3-pad", "c2-dil", "c4-1x1", "c4-same", "c2-k24"])
+    ((5, 1, 5, 6), (3, 1, 3, 3), dict(padding=3)),  # padding wider than the kernel
+], ids=["c1-k30", "c1-k7", "c3-pad", "c2-dil", "c4-1x1", "c4-same", "c2-k24", "big-pad"])
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 def test_direct_few_channel_backward_matches_naive(layout, x_shape, w_shape, conf, dtype):
-    """direct's fused backward for 1-4 input channels (one image per work item: its
+    """direct's fused backward for 1-4 input channels (a few images per work item: their
     grad-output padded in cache, then dx, dw and db from it), against naive: with and
     without the bias, its shares of dw and db summed over images in order, and channels-last
     arrays through it (their grad-output moved into the padded grids by register

@@ -36,7 +36,7 @@ cost more loads and stores than FMAs. Stride-1 depthwise backward has a fused ke
 plane of the grad-output and of the input locally and computes all three gradients from them;
 so has a stride-1 backward of one to four input channels (first layers: there the grad-output
 is large and each of its elements feeds few FMAs, so the separate passes were bound by reading
-it three times and copying it), with one image per work item.
+it three times and copying it), with a few images per work item.
 
 Channels-last arrays (``spec.layout == "NHWC"``) run the kernels of direct_nhwc.py, which read
 them as they are.
@@ -64,7 +64,6 @@ KB = 4  # output channels per forward / grad-input micro-kernel
 KBW = 3  # output channels per grad-weight micro-kernel (3 x 9 accumulators fit AVX-512's 32)
 TILE = 1024  # target elements per output tile (4 accumulator rows stay in L1)
 NVEC = _simd.TILE_VECTORS  # vectors of positions per register tile, by the CPU's registers
-CHUNK1 = 1000000
 NVEC1 = 2 * NVEC if NVEC > 2 else 4  # the same for a 1-channel tile (tile1t)
 TILE_LOCAL = 4096  # the same for depthwise tiles, which hold one accumulator row
 
@@ -247,30 +246,14 @@ def _few_channels_backward_nchw(x, g, goffs, wpk, blocks, dx, xoffs, widx, wbloc
 @njit(cache=NUMBA_CACHE, nogil=True)
 def _fill_grids_channels_last(gf, n, oh, ow, k, dst, pt, pl, plane, gw):
     """dst[kk*plane + (i + pt)*gw + pl + j] = g[n, i, j, kk] (g channels-last, flat), zero
-    elsewhere: image n's grad-output moved into K padded planes by blocks of lanes x lanes
-    transposed in registers, as `_store_channels_last` in reverse, so that a channels-last
-    grad-output is never transposed whole."""
-    nl = lanes(dst)
+    elsewhere: image n's grad-output moved into K padded planes by register transposes, so
+    that a channels-last grad-output is never transposed whole."""
     d0 = uint64(0)
     for t in range(uint64(k * plane)):
         dst[d0 + t] = 0
-    for i in range(oh):
-        src = ((n * oh + i) * ow) * k  # pixel (i, 0), channel 0
-        row = (i + pt) * gw + pl
-        if ow < nl or k < nl:
-            for j in range(ow):
-                for kk in range(k):
-                    dst[kk * plane + row + j] = gf[src + j * k + kk]
-            continue
-        j = 0
-        while j < ow:
-            j = min(j, ow - nl)
-            kk = 0
-            while kk < k:
-                kk = min(kk, k - nl)
-                transpose_block(gf, src + j * k + kk, k, dst, kk * plane + row + j, plane)
-                kk += nl
-            j += nl
+    for i in range(oh):  # row i: (ow pixels x k channels) into k planes' rows
+        _transpose_into(gf, ((n * oh + i) * ow) * k, k, dst, (i + pt) * gw + pl, plane, ow, k,
+                        True)
 
 
 @njit(cache=NUMBA_CACHE, nogil=True, fastmath=_FMR)
@@ -467,10 +450,8 @@ def _correlate_tile(img, t0, n, r0, nr, b_lo, b_hi, offs, wpk, blocks, bias, has
             _mk1(img, offs[grp], wpk[blk], acc, t0, m)
         elif nv == 1:
             tw = tv // (NVEC1 * nl) * (NVEC1 * nl)
-            for c0 in range(0, taps.size, CHUNK1):
-                c1 = min(taps.size, c0 + CHUNK1)
-                for t in range(0, tw, NVEC1 * nl):
-                    tile1t(wts, 0, KB, img, t0 + t, taps, c0, c1, accf, t, NVEC1)
+            for t in range(0, tw, NVEC1 * nl):
+                tile1t(wts, 0, KB, img, t0 + t, taps, 0, taps.size, accf, t, NVEC1)
             # what is left, by halving widths: one vector alone is an FMA latency chain
             t = tw
             if NVEC1 > 4 and t + 4 * nl <= tv:
@@ -519,30 +500,35 @@ def _correlate_tile(img, t0, n, r0, nr, b_lo, b_hi, offs, wpk, blocks, bias, has
     if nhwc:
         for rr in range(nr):
             o0 = ((n * oh_out + (r0 + rr) * ys + yo) * ow_out + xo) * k_out + kc0
-            _store_channels_last(scr, rr * gw, acc_width, kc1 - kc0, of, o0, xs * k_out, nvc)
+            # of[o0 + v*xs*k_out + kk] = scr[kk*acc_width + rr*gw + v]
+            _transpose_into(scr, rr * gw, acc_width, of, o0, xs * k_out, kc1 - kc0, nvc, False)
 
 
 @njit(cache=NUMBA_CACHE, nogil=True)
-def _store_channels_last(scr, a0, sstride, nk, of, o0, ostep, nv):
-    """of[o0 + v*ostep + k] = scr[k*sstride + a0 + v] for k < nk, v < nv: blocks of lanes x
-    lanes transposed in registers, the last block of each side overlapping the one before it
-    (a copy, so writing those elements twice is harmless; an element-by-element edge cost a
-    third of keras-c1's store), element by element only where a side is shorter than a block."""
-    nl = lanes(scr)
-    if nv < nl or nk < nl:
-        for v in range(nv):
-            for k in range(nk):
-                of[o0 + v * ostep + k] = scr[k * sstride + a0 + v]
+def _transpose_into(src, s0, sstride, dst, d0, dstride, ni, nj, src_order):
+    """dst[d0 + j*dstride + i] = src[s0 + i*sstride + j] for i < ni, j < nj: blocks of lanes x
+    lanes transposed in registers, a row of src's blocks at a time with ``src_order`` (src is
+    read in order: the channels-last grad-output) or else of dst's (dst is written in order:
+    the channels-last output), the last block of each side overlapping the one before it (a
+    copy, so writing those elements twice is harmless; element-by-element edges cost a third of
+    keras-c1's channels-last store), element by element only where a side is shorter than a
+    block."""
+    nl = lanes(src)
+    if ni < nl or nj < nl:
+        for i in range(ni):
+            for j in range(nj):
+                dst[d0 + j * dstride + i] = src[s0 + i * sstride + j]
         return
-    v = 0
-    while v < nv:
-        v = min(v, nv - nl)
-        k = 0
-        while k < nk:
-            k = min(k, nk - nl)
-            transpose_block(scr, k * sstride + a0 + v, sstride, of, o0 + v * ostep + k, ostep)
-            k += nl
-        v += nl
+    a = 0
+    while a < (ni if src_order else nj):
+        a = min(a, (ni if src_order else nj) - nl)
+        b = 0
+        while b < (nj if src_order else ni):
+            b = min(b, (nj if src_order else ni) - nl)
+            i, j = (a, b) if src_order else (b, a)
+            transpose_block(src, s0 + i * sstride + j, sstride, dst, d0 + j * dstride + i, dstride)
+            b += nl
+        a += nl
 
 
 @njit(cache=NUMBA_CACHE, nogil=True)
@@ -573,9 +559,9 @@ def _grad_weight_item(item, xsrc, gsrc, offs, widx, blocks, gbase, gplane, n_red
 def _grad_weight_sums(item, xsrc, gsrc, offs, widx, blocks, gbase, gplane, n_red, dwflat, cgrs,
                       sums, vsums):
     """Item ``item`` of _grad_weight_nchw, summed over all images of xsrc and gsrc, in the
-    caller's scratch ``sums`` and ``vsums`` (the fused few-channel backward makes an item per
-    image and block: allocating them each time, and a slice's sum per lane group, cost it a
-    third of its grad-weight)."""
+    caller's scratch ``sums`` and ``vsums`` (the fused few-channel backward makes one of these
+    per few images and block: allocating them each time, and a slice's sum per lane group, cost
+    it a third of its grad-weight)."""
     n_ch = widx.shape[0]
     blk = item // n_ch
     ch = item % n_ch
@@ -1084,10 +1070,10 @@ def _depthwise_backward(g, x, w, spec, need_input, need_weight, need_bias):
             part_b.sum(axis=0) if need_bias else None)
 
 
-#: The largest padded grad-output image (bytes) an item of the few-channel backward lays out:
-#: it should stay in the core's L2 while dx and dw read it.
+#: The most bytes of padded grids (grad-output and input) the few-channel backward lays out per
+#: work item: they should stay in the core's L2 while dx and dw read them.
 FEW_CHANNELS_GRID = 1 << 20
-#: Input channels up to which a stride-1 backward takes the fused one-image-per-item kernel.
+#: Input channels up to which a stride-1 backward takes the fused few-channel kernel.
 FEW_CHANNELS = 4
 #: ... and images at least
 FEW_CHANNELS_BATCH = 4
@@ -1101,8 +1087,15 @@ def few_channels(spec):
     n, c = spec.x_shape[:2]
     if c > FEW_CHANNELS or spec.groups != 1 or spec.stride != (1, 1) or n < FEW_CHANNELS_BATCH:
         return False
-    grid = _grad_input_plan(spec, _input_grid(spec).gw).grid
-    return spec.w_shape[0] * grid.plane * np.dtype(spec.dtype).itemsize <= FEW_CHANNELS_GRID
+    return _grids_per_image(spec) <= FEW_CHANNELS_GRID
+
+
+def _grids_per_image(spec):
+    """Bytes of one image's padded grad-output and input grids in few_channels_backward."""
+    ggrid = _grad_input_plan(spec, _input_grid(spec).gw).grid
+    xgrid = _input_grid(spec)._replace(gw=ggrid.gw)
+    per = spec.w_shape[0] * ggrid.plane + spec.x_shape[1] * xgrid.plane
+    return per * np.dtype(spec.dtype).itemsize
 
 
 def few_channels_backward(g, x, w, spec, need_bias, g_nhwc=False):
@@ -1114,12 +1107,11 @@ def few_channels_backward(g, x, w, spec, need_bias, g_nhwc=False):
     gplan = _grad_input_plan(spec, xgrid.gw)  # stride 1: one phase
     ggrid, ph = gplan.grid, gplan.phases[0]
     xgrid = xgrid._replace(gw=ggrid.gw)
-    xoffs, widx, _, uniq = _input_taps(spec, xgrid)
+    xoffs, _, _, uniq = _input_taps(spec, xgrid)
     wpk = _packed(w, ph.wbase, ph.wdiv, r * s, gplan.blocks)
     dx = np.empty(spec.x_shape, dtype=spec.dtype)
     # images per item: as many as fit the grid budget, up to FEW_CHANNELS_IMAGES
-    per = (k * ggrid.plane + c * xgrid.plane) * np.dtype(spec.dtype).itemsize
-    ib = max(1, min(FEW_CHANNELS_IMAGES, FEW_CHANNELS_GRID // per))
+    ib = max(1, min(FEW_CHANNELS_IMAGES, FEW_CHANNELS_GRID // _grids_per_image(spec)))
     part_w = np.empty((cdiv(n, ib), k * cg * r * s), dtype=spec.dtype)
     part_b = np.empty((n, k))
     args = (x, g, ph.offs, wpk, gplan.blocks, dx, xoffs, uniq, _weight_blocks(1, k), part_w,
