@@ -1045,14 +1045,21 @@ def conv2d_forward(x, w, b, spec, channels_last_out=False):
     return out
 
 
+def _fused_grids(spec):
+    """What the stride-1 fused backwards lay out: the grad-output's grid plan (one phase) and
+    the input's grid of the same width, with the input's taps and their first copies."""
+    xgrid = _input_grid(spec)
+    gplan = _grad_input_plan(spec, xgrid.gw)
+    xgrid = xgrid._replace(gw=gplan.grid.gw)
+    xoffs, _, _, uniq = _input_taps(spec, xgrid)
+    return gplan, xgrid, xoffs, uniq
+
+
 def _depthwise_backward(g, x, w, spec, need_input, need_weight, need_bias):
     n, c = spec.x_shape[:2]
     r, s = spec.w_shape[2:]
-    xgrid = _input_grid(spec)
-    gplan = _grad_input_plan(spec, xgrid.gw)  # stride 1: one phase
+    gplan, xgrid, xoffs, uniq = _fused_grids(spec)
     ggrid, ph = gplan.grid, gplan.phases[0]
-    xgrid = xgrid._replace(gw=ggrid.gw)
-    xoffs, _, _, uniq = _input_taps(spec, xgrid)
     wpk = _packed(w, ph.wbase, ph.wdiv, r * s, gplan.blocks)
     dx = np.empty(spec.x_shape if need_input else (1, 1, 1, 1), dtype=spec.dtype)
     part_w = np.empty((n, c, r * s) if need_weight else (1, 1, 1), dtype=spec.dtype)
@@ -1092,9 +1099,8 @@ def few_channels(spec):
 
 def _grids_per_image(spec):
     """Bytes of one image's padded grad-output and input grids in few_channels_backward."""
-    ggrid = _grad_input_plan(spec, _input_grid(spec).gw).grid
-    xgrid = _input_grid(spec)._replace(gw=ggrid.gw)
-    per = spec.w_shape[0] * ggrid.plane + spec.x_shape[1] * xgrid.plane
+    gplan, xgrid, _, _ = _fused_grids(spec)
+    per = spec.w_shape[0] * gplan.grid.plane + spec.x_shape[1] * xgrid.plane
     return per * np.dtype(spec.dtype).itemsize
 
 
@@ -1103,11 +1109,8 @@ def few_channels_backward(g, x, w, spec, need_bias, g_nhwc=False):
     and the results are NCHW / OIHW."""
     n, c = spec.x_shape[:2]
     k, cg, r, s = spec.w_shape
-    xgrid = _input_grid(spec)
-    gplan = _grad_input_plan(spec, xgrid.gw)  # stride 1: one phase
+    gplan, xgrid, xoffs, uniq = _fused_grids(spec)
     ggrid, ph = gplan.grid, gplan.phases[0]
-    xgrid = xgrid._replace(gw=ggrid.gw)
-    xoffs, _, _, uniq = _input_taps(spec, xgrid)
     wpk = _packed(w, ph.wbase, ph.wdiv, r * s, gplan.blocks)
     dx = np.empty(spec.x_shape, dtype=spec.dtype)
     # images per item: as many as fit the grid budget, up to FEW_CHANNELS_IMAGES
