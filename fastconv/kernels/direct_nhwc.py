@@ -539,7 +539,8 @@ def _forward_by_nchw(spec):
     holds and one group (its tiles store all channels of a pixel together). In float64,
     interleaved against the kernels here, that won only where K is not a multiple of the
     vector (lenet-c1 1.29x; keras-c1 0.72x, cifar-c1 0.90x, alexnet-c1 0.89x: twice the bytes
-    per pixel to transpose); in float32 it won on all four (1.17x-1.93x)."""
+    per pixel to transpose); in float32 it won or tied on all four (lenet-c1 1.74x, alexnet-c1
+    1.29x, cifar-c1 1.04x-1.39x, keras-c1 0.90x-1.17x over four runs)."""
     nl = lanes(np.dtype(spec.dtype))
     k, cg = spec.w_shape[:2]
     return (cg < nl and spec.groups == 1
