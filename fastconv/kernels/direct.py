@@ -227,11 +227,12 @@ def _few_channels_backward_nchw(x, g, goffs, wpk, blocks, dx, xoffs, widx, wbloc
                 if need_bias:  # the grid's zeros add nothing
                     for kk in range(k):
                         part_b[n, kk] = sum_flat(gl[i], kk * gplane, gplane)
-            for kk in range(k if not g_nhwc else 0):
-                _fill_grid(gf, (n * k + kk) * oh * ow, oh, ow, gl[i], kk * gplane, gpt, gpl, 1,
-                           1, 0, hg, gw)
-                if need_bias:
-                    part_b[n, kk] = sum_flat(gf, (n * k + kk) * oh * ow, oh * ow)
+            else:
+                for kk in range(k):
+                    _fill_grid(gf, (n * k + kk) * oh * ow, oh, ow, gl[i], kk * gplane, gpt, gpl,
+                               1, 1, 0, hg, gw)
+                    if need_bias:
+                        part_b[n, kk] = sum_flat(gf, (n * k + kk) * oh * ow, oh * ow)
             _correlate_tile(gl[i], 0, n, 0, h, 0, blocks.shape[0], goffs, wpk, blocks, no_bias,
                             False, dx, gw, w, 1, 0, 1, 0, no_bias, False)
             for cc in range(c):
@@ -445,7 +446,7 @@ def _correlate_tile(img, t0, n, r0, nr, b_lo, b_hi, offs, wpk, blocks, bias, has
         mv = cdiv(m, nl) * nl
         reach = taps.max() if taps.size else 0  # a phase may have no taps
         tv = mv if t0 + reach + mv <= img.size else m // nl * nl
-        accf, aw = acc.reshape(-1), acc.shape[1]
+        accf, aw = acc.reshape(-1), acc_width
         if nv == 1 and taps.size <= TAPS:  # one pass of _mk1 (depthwise 3x3): no faster
             _mk1(img, offs[grp], wpk[blk], acc, t0, m)
         elif nv == 1:
@@ -519,12 +520,13 @@ def _transpose_into(src, s0, sstride, dst, d0, dstride, ni, nj, src_order):
             for j in range(nj):
                 dst[d0 + j * dstride + i] = src[s0 + i * sstride + j]
         return
+    na, nb = (ni, nj) if src_order else (nj, ni)  # outer and inner block counts' sides
     a = 0
-    while a < (ni if src_order else nj):
-        a = min(a, (ni if src_order else nj) - nl)
+    while a < na:
+        a = min(a, na - nl)
         b = 0
-        while b < (nj if src_order else ni):
-            b = min(b, (nj if src_order else ni) - nl)
+        while b < nb:
+            b = min(b, nb - nl)
             i, j = (a, b) if src_order else (b, a)
             transpose_block(src, s0 + i * sstride + j, sstride, dst, d0 + j * dstride + i, dstride)
             b += nl
@@ -1094,12 +1096,12 @@ def few_channels(spec):
     n, c = spec.x_shape[:2]
     if c > FEW_CHANNELS or spec.groups != 1 or spec.stride != (1, 1) or n < FEW_CHANNELS_BATCH:
         return False
-    return _grids_per_image(spec) <= FEW_CHANNELS_GRID
-
-
-def _grids_per_image(spec):
-    """Bytes of one image's padded grad-output and input grids in few_channels_backward."""
     gplan, xgrid, _, _ = _fused_grids(spec)
+    return _grid_bytes(spec, gplan, xgrid) <= FEW_CHANNELS_GRID
+
+
+def _grid_bytes(spec, gplan, xgrid):
+    """Bytes of one image's padded grad-output and input grids in few_channels_backward."""
     per = spec.w_shape[0] * gplan.grid.plane + spec.x_shape[1] * xgrid.plane
     return per * np.dtype(spec.dtype).itemsize
 
@@ -1114,7 +1116,7 @@ def few_channels_backward(g, x, w, spec, need_bias, g_nhwc=False):
     wpk = _packed(w, ph.wbase, ph.wdiv, r * s, gplan.blocks)
     dx = np.empty(spec.x_shape, dtype=spec.dtype)
     # images per item: as many as fit the grid budget, up to FEW_CHANNELS_IMAGES
-    ib = max(1, min(FEW_CHANNELS_IMAGES, FEW_CHANNELS_GRID // _grids_per_image(spec)))
+    ib = max(1, min(FEW_CHANNELS_IMAGES, FEW_CHANNELS_GRID // _grid_bytes(spec, gplan, xgrid)))
     part_w = np.empty((cdiv(n, ib), k * cg * r * s), dtype=spec.dtype)
     part_b = np.empty((n, k))
     args = (x, g, ph.offs, wpk, gplan.blocks, dx, xoffs, uniq, _weight_blocks(1, k), part_w,

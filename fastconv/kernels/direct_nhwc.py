@@ -660,6 +660,11 @@ def _grad_weight(g, x, spec):
     return dwt.reshape(r, s, cg, k)
 
 
+def _oihw(w):
+    """HWIO filters as direct's NCHW kernels take them (OIHW, C-contiguous; a few KB)."""
+    return np.ascontiguousarray(w.transpose(3, 2, 0, 1))
+
+
 def _forward_nchw(x, w, b, spec):
     """Forward of a layer with fewer input channels per group than one vector holds (a first
     layer): direct's NCHW kernel vectorizes over pixels where these kernels would over those
@@ -667,8 +672,7 @@ def _forward_nchw(x, w, b, spec):
     wide, is written channels-last from the register tiles, never transposed."""
     from . import direct, layout
 
-    wn = np.ascontiguousarray(w.transpose(3, 2, 0, 1))
-    return direct.conv2d_forward(layout.to_nchw(x), wn, b, spec._replace(layout="NCHW"),
+    return direct.conv2d_forward(layout.to_nchw(x), _oihw(w), b, spec._replace(layout="NCHW"),
                                  channels_last_out=True)
 
 
@@ -678,9 +682,8 @@ def _grad_input_nchw(g, w, spec):
     transposes the grad-output and runs direct's NCHW kernel, which vectorizes over pixels."""
     from . import direct, layout
 
-    wn = np.ascontiguousarray(w.transpose(3, 2, 0, 1))
-    dx = direct.conv2d_backward(layout.to_nchw(g), None, wn, spec._replace(layout="NCHW"), True,
-                                False, False)[0]
+    dx = direct.conv2d_backward(layout.to_nchw(g), None, _oihw(w),
+                                spec._replace(layout="NCHW"), True, False, False)[0]
     return layout.to_nhwc(dx)
 
 
@@ -690,8 +693,7 @@ def _few_channels_nchw(g, x, w, spec, need_bias):
     the input, dx and dw, with their few channels, are small and transposed whole."""
     from . import direct, layout
 
-    wn = np.ascontiguousarray(w.transpose(3, 2, 0, 1))
-    dx, dw, db = direct.few_channels_backward(g, layout.to_nchw(x), wn,
+    dx, dw, db = direct.few_channels_backward(g, layout.to_nchw(x), _oihw(w),
                                               spec._replace(layout="NCHW"), need_bias,
                                               g_nhwc=True)
     return layout.to_nhwc(dx), np.ascontiguousarray(dw.transpose(2, 3, 1, 0)), db
