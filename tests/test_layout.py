@@ -238,6 +238,66 @@ def test_direct_nhwc_register_tiles_match_naive(x_shape, w_shape, conf, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("band_bytes", [1, 6000, 512 << 10], ids=["1row", "few", "default"])
+def test_direct_nhwc_depthwise_bands_match_naive(band_bytes, dtype, monkeypatch):
+    """direct's channels-last depthwise layers by bands of rows, each padded in a scratch
+    (`_depthwise_bands`; stride 1 backward: `_depthwise_backward_bands`, all gradients in one
+    pass): one-row bands, several with an uneven last one, and one band per image; padding on
+    one side only, wider than the kernel, dilation, a stride; every subset of the gradients;
+    and bit-identical results on one thread and two (bands follow the thread count)."""
+    from fastconv.kernels import _parallel, direct_nhwc
+
+    monkeypatch.setattr(direct_nhwc, "BAND_BYTES", band_bytes)
+    rng = np.random.default_rng(44)
+    cases = [((2, 72, 7, 9), 3, dict(padding=1)),
+             ((3, 17, 8, 7), 3, dict(padding=((2, 0), (0, 1)))),
+             ((1, 33, 12, 11), 5, dict(padding=2, dilation=2)),
+             ((2, 20, 7, 9), 3, dict(padding=3)),
+             ((2, 16, 6, 6), 3, {}), ((2, 40, 9, 10), 3, dict(padding=1, stride=2)),
+             ((1, 3, 4, 30), 3, dict(padding=(0, 4), stride=(1, 3))),
+             ((1, 24, 5, 5), 3, dict(padding=((0, 0), (1, 1)), dilation=(2, 1)))]
+    for x_shape, r, conf in cases:
+        c = x_shape[1]
+        x = rng.standard_normal(x_shape).astype(dtype)
+        w = rng.standard_normal((c, 1, r, r)).astype(dtype)
+        b = rng.standard_normal(c).astype(dtype)
+        y = fc.conv2d(x, w, b, groups=c, **conf, method="naive")
+        g = rng.standard_normal(y.shape).astype(dtype)
+        want = fc.conv2d_backward(g, x, w, groups=c, **conf, method="naive")
+        args = nhwc(g), nhwc(x), hwio(w)
+        got_y = fc.conv2d(args[1], args[2], b, groups=c, **conf, layout="NHWC", method="direct")
+        np.testing.assert_allclose(got_y.transpose(X_OUT), y, **tol(dtype, r * r))
+        got = fc.conv2d_backward(*args, groups=c, **conf, layout="NHWC", method="direct")
+        np.testing.assert_allclose(got.grad_input.transpose(X_OUT), want.grad_input,
+                                   **tol(dtype, r * r))
+        np.testing.assert_allclose(got.grad_weight.transpose(W_OUT), want.grad_weight,
+                                   **tol(dtype, g.size // c))
+        np.testing.assert_allclose(got.grad_bias, want.grad_bias, **tol(dtype, g.size // c))
+        for need in [(True, False, False), (False, True, False), (False, False, True),
+                     (True, False, True), (False, True, True)]:
+            part = fc.conv2d_backward(*args, groups=c, **conf, layout="NHWC", method="direct",
+                                      need_input=need[0], need_weight=need[1],
+                                      need_bias=need[2])
+            for wanted, a, full in zip(need, part, got):
+                assert (a is not None) == wanted
+                if wanted:
+                    np.testing.assert_array_equal(a, full)
+        count = _parallel.count
+        for threads in (1, 3):
+            try:
+                fc.set_num_threads(threads)
+                again = fc.conv2d_backward(*args, groups=c, **conf, layout="NHWC",
+                                           method="direct")
+                again_y = fc.conv2d(args[1], args[2], b, groups=c, **conf, layout="NHWC",
+                                    method="direct")
+            finally:
+                fc.set_num_threads(count)
+            np.testing.assert_array_equal(again_y, got_y)
+            for a, full in zip(again, got):
+                np.testing.assert_array_equal(a, full)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 def test_direct_nhwc_padded_copy_writes_every_element(dtype):
     """direct's channels-last zero-padded copy (`_pad_rows`, which skips zero-filling) into a
     destination full of NaN, with a NaN guard after it: padding and cropping (negative

@@ -23,7 +23,11 @@ layer loses nothing to remainders.
   blocks that stay in cache while all its reduction entries use them.
 - Depthwise layers (one input channel per group, one output channel each): 4 pixels x up to 4
   vectors of channels in registers over the taps (fastconv.kernels._simd.tile_dw), each
-  channel with its own filter.
+  channel with its own filter. They run by bands of rows, each work item laying out the
+  zero-padded rows it reads in a per-thread scratch (in L2), so no padded copy of a whole
+  array is written and read back; a stride-1 backward computes all its gradients in one such
+  pass (dx from the padded grad-output rows, dw and db from the input rows and the
+  grad-output's), reading each array once.
 - The one exception to reading NHWC as it is: the grad-input of a layer with fewer input
   channels per group than a vector holds (a first layer, C = 1 or 3) would vectorize over
   those few channels, so it transposes the grad-output and runs direct.py's NCHW kernel.
@@ -63,8 +67,10 @@ NVEC = _simd.TILE_VECTORS  # vectors of channels per register tile (see fastconv
 DW_TAPS, NVEC_DW = (9, 2) if NVEC > 1 else (4, 1)
 PIXEL_BLOCK = 256  # grad-weight: pixels of grad-output walked while they stay in cache
 RED_BLOCK = 32  # grad-weight: reduction entries per work item
+BAND_BYTES = 512 << 10  # depthwise: padded rows a work item lays out (in L2)
 
 _FM = {"contract"}  # FMA contraction only: NaN and inf propagate as in naive.py
+_FMR = {"contract", "reassoc"}  # sums that vectorize (in a fixed order all the same)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,44 +317,50 @@ def _dw_pixel(src, sv, off, red, w, out, ov, nk, k0, k1):
 
 @njit(cache=NUMBA_CACHE, nogil=True)
 def _depthwise_part(src, off, w, bias, out, geom, counter):
-    """`_correlate_part` for depthwise layers (one channel in and out per group): 4 pixels x
-    NVEC vectors of channels in registers over the taps (`tile_dw`), the channels and pixels
-    left over a vector loop per tap. Items are (image, row)."""
+    """`_correlate_part` for depthwise layers (one channel in and out per group), by
+    `_depthwise_row`. Items are (image, row)."""
     (n_img, hs, ws, cs, srs, scs, cgs, ho, wo, ko, ors, or0, ocs, oc0, nu, nv, groups, kg, red,
      has_bias) = geom
     n_items = n_img * nu
-    sstep, ostep = scs * cs, ocs * ko
-    nl = lanes(out)
     item = claim(counter)
     while item < n_items:
         u = item % nu
         n = item // nu
-        o = ((n * ho + or0 + u * ors) * wo + oc0) * ko
-        s = ((n * hs + u * srs) * ws) * cs
-        _init_rows(out, o, ostep, nv, ko, bias, 0, has_bias)
-        v = 0
-        while v + 4 <= nv:
-            s0, o0 = s + v * sstep, o + v * ostep
-            k0 = 0
-            while k0 + NVEC * nl <= ko:
-                tile_dw(src, s0 + k0, s0 + sstep + k0, s0 + 2 * sstep + k0, s0 + 3 * sstep + k0,
-                        off, 0, red, w, k0, ko, out, o0 + k0, o0 + ostep + k0,
-                        o0 + 2 * ostep + k0, o0 + 3 * ostep + k0, NVEC)
-                k0 += NVEC * nl
-            while k0 + nl <= ko:
-                tile_dw(src, s0 + k0, s0 + sstep + k0, s0 + 2 * sstep + k0, s0 + 3 * sstep + k0,
-                        off, 0, red, w, k0, ko, out, o0 + k0, o0 + ostep + k0,
-                        o0 + 2 * ostep + k0, o0 + 3 * ostep + k0, 1)
-                k0 += nl
-            if k0 < ko:
-                for uu in range(4):
-                    _dw_pixel(src, s0 + uu * sstep, off, red, w, out, o0 + uu * ostep, ko, k0,
-                              ko)
-            v += 4
-        while v < nv:
-            _dw_pixel(src, s + v * sstep, off, red, w, out, o + v * ostep, ko, 0, ko)
-            v += 1
+        _depthwise_row(src, ((n * hs + u * srs) * ws) * cs, scs * cs, off, red, w, bias,
+                       has_bias, out, ((n * ho + or0 + u * ors) * wo + oc0) * ko, ocs * ko, nv,
+                       ko)
         item = claim(counter)
+
+
+@njit(cache=NUMBA_CACHE, nogil=True)
+def _depthwise_row(src, s, sstep, off, red, w, bias, has_bias, out, o, ostep, nv, ko):
+    """One row of a depthwise layer's output: out[o + v*ostep + k] = bias[k] + sum over taps r
+    of src[s + v*sstep + off[r] + k] * w[r*ko + k] for nv pixels v and ko channels k: 4 pixels
+    x NVEC vectors of channels in registers over the taps (`tile_dw`), the channels and pixels
+    left over a vector loop per tap."""
+    nl = lanes(out)
+    _init_rows(out, o, ostep, nv, ko, bias, 0, has_bias)
+    v = 0
+    while v + 4 <= nv:
+        s0, o0 = s + v * sstep, o + v * ostep
+        k0 = 0
+        while k0 + NVEC * nl <= ko:
+            tile_dw(src, s0 + k0, s0 + sstep + k0, s0 + 2 * sstep + k0, s0 + 3 * sstep + k0,
+                    off, 0, red, w, k0, ko, out, o0 + k0, o0 + ostep + k0,
+                    o0 + 2 * ostep + k0, o0 + 3 * ostep + k0, NVEC)
+            k0 += NVEC * nl
+        while k0 + nl <= ko:
+            tile_dw(src, s0 + k0, s0 + sstep + k0, s0 + 2 * sstep + k0, s0 + 3 * sstep + k0,
+                    off, 0, red, w, k0, ko, out, o0 + k0, o0 + ostep + k0,
+                    o0 + 2 * ostep + k0, o0 + 3 * ostep + k0, 1)
+            k0 += nl
+        if k0 < ko:
+            for uu in range(4):
+                _dw_pixel(src, s0 + uu * sstep, off, red, w, out, o0 + uu * ostep, ko, k0, ko)
+        v += 4
+    while v < nv:
+        _dw_pixel(src, s + v * sstep, off, red, w, out, o + v * ostep, ko, 0, ko)
+        v += 1
 
 
 @njit(cache=NUMBA_CACHE, nogil=True)
@@ -405,6 +417,80 @@ def _depthwise_grad_weight_part(x, off, g, part, geom, counter):
         _dw_grad_row(x, ((n * hp + i * sh) * wp) * c, sw * c, off, red, g, (n * oh + i) * ow * c,
                      ow, part, item * red * c, c)
         item = claim(counter)
+
+
+@njit(cache=NUMBA_CACHE, nogil=True)
+def _depthwise_bands(x, off, w, bias, has_bias, out, geom, counter):
+    """Forward of a depthwise layer by bands of output rows: each item lays out the zero-padded
+    input rows its band reads in a per-thread scratch, in cache, and runs `_depthwise_row` on
+    them; no padded copy of the whole input is written and read back. Items are (image,
+    band)."""
+    n_img, h, wd, c, pt, pl, sh, sw, oh, ow, band, span, wp, red = geom
+    n_bands = cdiv(oh, band)
+    scratch = np.empty(((band - 1) * sh + span) * wp * c, dtype=out.dtype)
+    item = claim(counter)
+    while item < n_img * n_bands:
+        n = item // n_bands
+        u0 = (item % n_bands) * band
+        nu = min(band, oh - u0)
+        for y in range((nu - 1) * sh + span):
+            _pad_row(x, n, u0 * sh - pt + y, h, wd, c, wp, pl, scratch, y * wp * c)
+        for u in range(nu):
+            _depthwise_row(scratch, u * sh * wp * c, sw * c, off, red, w, bias, has_bias, out,
+                           (n * oh + u0 + u) * ow * c, c, ow, c)
+        item = claim(counter)
+
+
+@njit(cache=NUMBA_CACHE, nogil=True)
+def _depthwise_backward_bands(g, x, wflip, goff, xoff, dx, part_w, part_b, need, geom,
+                              counter):
+    """The gradients of a stride-1 depthwise layer by bands of rows, each item reading its
+    rows of the grad-output and of the input once, into zero-padded rows of a per-thread
+    scratch: dx for its band of input rows (the padded grad-output correlated with the flipped
+    filters, `_depthwise_row`), and for its band of grad-output rows their shares of dw
+    (`_dw_grad_row`, one row of part_w each) and of db (one row of part_b each). No padded copy
+    of either array is written. Items are (image, band); need = (dx, dw, db)."""
+    n_img, h, wd, c, oh, ow, et, el, gwp, pt, pl, xwp, span, band, red = geom
+    n_bands = cdiv(max(h, oh), band)
+    rows = band + span - 1
+    gs = np.empty(rows * gwp * c if need[0] else 0, dtype=dx.dtype)
+    xs = np.empty(rows * xwp * c if need[1] else 0, dtype=dx.dtype)
+    zero = np.zeros(1, dtype=dx.dtype)
+    item = claim(counter)
+    while item < n_img * n_bands:
+        n = item // n_bands
+        b0 = (item % n_bands) * band
+        nu, nj = min(band, h - b0), min(band, oh - b0)
+        if need[0] and nu > 0:
+            for y in range(nu + span - 1):
+                _pad_row(g, n, b0 - et + y, oh, ow, c, gwp, el, gs, y * gwp * c)
+            for u in range(nu):
+                _depthwise_row(gs, u * gwp * c, c, goff, red, wflip, zero, False, dx,
+                               (n * h + b0 + u) * wd * c, c, wd, c)
+        if need[1] and nj > 0:
+            for y in range(nj + span - 1):
+                _pad_row(x, n, b0 - pt + y, h, wd, c, xwp, pl, xs, y * xwp * c)
+            for j in range(nj):
+                _dw_grad_row(xs, j * xwp * c, c, xoff, red, g, (n * oh + b0 + j) * ow * c, ow,
+                             part_w, (n * oh + b0 + j) * red * c, c)
+        if need[2] and nj > 0:
+            _pixel_sums(g, (n * oh + b0) * ow * c, nj, ow, c, part_b, (n * oh + b0) * c)
+        item = claim(counter)
+
+
+@njit(cache=NUMBA_CACHE, nogil=True, fastmath=_FMR)
+def _pixel_sums(g, g0, rows, ow, c, out, o0):
+    """out[o0 + j*c + k] = sum over the ow pixels v of row j of g[g0 + (j*ow + v)*c + k]."""
+    wide()
+    n = uint64(c)
+    for j in range(rows):
+        d = uint64(o0 + j * c)
+        for k in range(n):
+            out[d + k] = 0.0
+        for v in range(ow):
+            s0 = uint64(g0 + (j * ow + v) * c)
+            for k in range(n):
+                out[d + k] += g[s0 + k]
 
 
 @njit(cache=NUMBA_CACHE, nogil=True)
@@ -472,36 +558,42 @@ def _grad_weight_part(x, off, g, dw, pix, geom, counter):
         item = claim(counter)
 
 
-@njit(cache=NUMBA_CACHE, nogil=True, fastmath=_FM)
+@njit(cache=NUMBA_CACHE, nogil=True)
 def _pad_rows(src, dst, h, w, c, hp, wp, top, left, counter):
-    """Rows (image, padded row) of dst (n, hp, wp, c), flat, from src (n, h, w, c), flat: each
-    element written once, zeros outside src (negative top / left crop)."""
-    wide()
+    """Rows (image, padded row) of dst (n, hp, wp, c), flat, from src (n, h, w, c), flat, by
+    `_pad_row`."""
     n_items = dst.size // (wp * c)
-    xa = min(max(0, left), wp)
-    xb = max(xa, min(wp, w + left))  # [xa, xb): the columns that hold src
     item = claim(counter)
     while item < n_items:
-        i, y = item // hp, item % hp
-        d0 = uint64(item * wp * c)
-        r = y - top
-        lo, hi = uint64(xa * c), uint64(xb * c)
-        if r < 0 or r >= h:
-            lo = hi = uint64(wp * c)
-        for t in range(lo):
-            dst[d0 + t] = 0.0
-        s0 = uint64(((i * h + r) * w + xa - left) * c) if hi > lo else uint64(0)
-        for t in range(hi - lo):
-            dst[d0 + lo + t] = src[s0 + t]
-        for t in range(hi, uint64(wp * c)):
-            dst[d0 + t] = 0.0
+        _pad_row(src, item // hp, item % hp - top, h, w, c, wp, left, dst, item * wp * c)
         item = claim(counter)
+
+
+@njit(cache=NUMBA_CACHE, nogil=True, fastmath=_FM)
+def _pad_row(src, i, r, h, w, c, wp, left, dst, d0):
+    """dst[d0 : d0 + wp*c] = row r of image i of src (n, h, w, c), flat, shifted right by
+    ``left`` columns (negative: cropped) and zero-padded to wp columns; zeros where r is not a
+    row of src. Each element written once."""
+    wide()
+    xa = min(max(0, left), wp)
+    xb = max(xa, min(wp, w + left))  # [xa, xb): the columns that hold src
+    d0 = uint64(d0)
+    lo, hi = uint64(xa * c), uint64(xb * c)
+    if r < 0 or r >= h:
+        lo = hi = uint64(wp * c)
+    for t in range(lo):
+        dst[d0 + t] = 0.0
+    s0 = uint64(((i * h + r) * w + xa - left) * c) if hi > lo else uint64(0)
+    for t in range(hi - lo):
+        dst[d0 + lo + t] = src[s0 + t]
+    for t in range(hi, uint64(wp * c)):
+        dst[d0 + t] = 0.0
 
 
 def _pad(a, top, bottom, left, right):
     """``a`` (N, H, W, C) zero-padded (negative amounts crop); ``a`` itself when none. Written
     once, by rows on the thread pool: NumPy's zeros and slice copy took 2.8 ms of
-    mobilenet-dw's 7.3 ms forward."""
+    mobilenet-dw's 7.3 ms forward (when that forward still padded its whole input)."""
     if top == bottom == left == right == 0:
         return a
     n, h, w, c = a.shape
@@ -550,6 +642,8 @@ def _forward_by_nchw(spec):
 def conv2d_forward(x, w, b, spec):
     if _forward_by_nchw(spec):
         return _forward_nchw(x, w, b, spec)
+    if _depthwise(spec):
+        return _depthwise_forward(x, w, b, spec)
     n, c, h, wd = spec.x_shape
     k, cg, r, s = spec.w_shape
     (pt, pb), (pl, pr) = spec.padding
@@ -566,6 +660,68 @@ def conv2d_forward(x, w, b, spec):
     _run_correlation(src.reshape(-1), off, w.reshape(-1), b, out.reshape(-1), geom,
                      _parallel.conv_work_ns(spec), dwise)
     return out
+
+
+def _band(rows, halo, step, row_bytes, n_img):
+    """Rows per band for depthwise items: as many as fit BAND_BYTES with the ``halo`` rows the
+    taps add (``step`` input rows per row), fewer where that would leave threads idle, and
+    bands of even height. Changes only who computes what, never the sums."""
+    band = max(1, (BAND_BYTES // max(1, row_bytes) - halo - 1) // step + 1)
+    band = min(band, max(1, rows // cdiv(4 * _parallel.count, max(1, n_img))))
+    return cdiv(rows, cdiv(rows, band)) if rows else 1
+
+
+def _depthwise_forward(x, w, b, spec):
+    n, c, h, wd = spec.x_shape
+    r, s = spec.w_shape[2:]
+    (pt, _), (pl, _) = spec.padding
+    (sh, sw), (dh, dw) = spec.stride, spec.dilation
+    oh, ow = spec.out_hw
+    span = (r - 1) * dh + 1
+    wp = (ow - 1) * sw + (s - 1) * dw + 1  # the padded columns the row's taps read
+    band = _band(oh, span - 1, sh, wp * c * x.itemsize, n)
+    off = _offsets([(p * dh, q * dw) for p in range(r) for q in range(s)], 1, wp, c)
+    out = np.empty((n, oh, ow, c), dtype=spec.dtype)
+    if out.size:
+        bias = b if b is not None else np.zeros(1, dtype=spec.dtype)
+        geom = (n, h, wd, c, pt, pl, sh, sw, oh, ow, band, span, wp, len(off))
+        _parallel.run(_depthwise_bands, (x.reshape(-1), off, w.reshape(-1), bias, b is not None,
+                                         out.reshape(-1), geom),
+                      n * cdiv(oh, band), _parallel.conv_work_ns(spec))
+    return out
+
+
+def _depthwise_backward(g, x, w, spec, need_input, need_weight, need_bias):
+    """All requested gradients of a stride-1 depthwise layer in one pass over its arrays
+    (`_depthwise_backward_bands`)."""
+    n, c, h, wd = spec.x_shape
+    r, s = spec.w_shape[2:]
+    (pt, _), (pl, _) = spec.padding
+    dh, dw = spec.dilation
+    oh, ow = spec.out_hw
+    span = (r - 1) * dh + 1
+    gwp, xwp = wd + (s - 1) * dw, ow + (s - 1) * dw  # padded widths of the two scratches
+    band = _band(max(h, oh), span - 1, 1, max(gwp, xwp) * c * g.itemsize, n)
+    taps = [(p * dh, q * dw) for p in range(r) for q in range(s)]
+    dt = spec.dtype
+    dx = np.empty((n, h, wd, c) if need_input else 0, dtype=dt)
+    part_w = np.empty((n * oh, r * s, c) if need_weight else 0, dtype=dt)
+    part_b = np.empty((n * oh, c) if need_bias else 0, dtype=dt)
+    if g.size and x.size:
+        wflip = np.ascontiguousarray(w[::-1, ::-1]).reshape(-1)
+        geom = (n, h, wd, c, oh, ow, span - 1 - pt, (s - 1) * dw - pl, gwp, pt, pl, xwp, span,
+                band, r * s)
+        _parallel.run(_depthwise_backward_bands,
+                      (g.reshape(-1), x.reshape(-1), wflip, _offsets(taps, 1, gwp, c),
+                       _offsets(taps, 1, xwp, c), dx.reshape(-1), part_w.reshape(-1),
+                       part_b.reshape(-1), (need_input, need_weight, need_bias), geom),
+                      n * cdiv(max(h, oh), band),
+                      _parallel.conv_work_ns(spec, need_input + need_weight + need_bias))
+    elif need_input:
+        dx[...] = 0
+    return (dx if need_input else None,
+            part_w.sum(axis=0).reshape(r, s, 1, c) if need_weight else None,
+            part_b.sum(axis=0) if need_bias else None)
 
 
 class _Phase(NamedTuple):
@@ -704,6 +860,8 @@ def conv2d_backward(g, x, w, spec, need_input, need_weight, need_bias):
 
     if need_input and need_weight and direct.few_channels(spec):
         return _few_channels_nchw(g, x, w, spec, need_bias)
+    if _depthwise(spec) and spec.stride == (1, 1):
+        return _depthwise_backward(g, x, w, spec, need_input, need_weight, need_bias)
     if need_input and spec.w_shape[1] < lanes(np.dtype(spec.dtype)) and not _depthwise(spec):
         dx = _grad_input_nchw(g, w, spec)
     else:
