@@ -460,21 +460,27 @@ def _depthwise_backward_bands(g, x, wflip, goff, xoff, dx, part_w, part_b, need,
     while item < n_img * n_bands:
         n = item // n_bands
         b0 = (item % n_bands) * band
-        nu, nj = min(band, h - b0), min(band, oh - b0)
-        if need[0] and nu > 0:
-            for y in range(nu + span - 1):
+        nu, nj = max(0, min(band, h - b0)), max(0, min(band, oh - b0))
+        # row by row: each padded row is laid out just before the rows that read it, and a
+        # grad-output row is summed right after it was copied, while both are in cache
+        for y in range(max(nu, nj) + span - 1):
+            if need[0] and y < nu + span - 1:
                 _pad_row(g, n, b0 - et + y, oh, ow, c, gwp, el, gs, y * gwp * c)
-            for u in range(nu):
+            if need[1] and y < nj + span - 1:
+                _pad_row(x, n, b0 - pt + y, h, wd, c, xwp, pl, xs, y * xwp * c)
+            u = y - (span - 1)
+            if u < 0:
+                continue
+            if need[0] and u < nu:
                 _depthwise_row(gs, u * gwp * c, c, goff, red, wflip, zero, False, dx,
                                (n * h + b0 + u) * wd * c, c, wd, c)
-        if need[1] and nj > 0:
-            for y in range(nj + span - 1):
-                _pad_row(x, n, b0 - pt + y, h, wd, c, xwp, pl, xs, y * xwp * c)
-            for j in range(nj):
-                _dw_grad_row(xs, j * xwp * c, c, xoff, red, g, (n * oh + b0 + j) * ow * c, ow,
-                             part_w, (n * oh + b0 + j) * red * c, c)
-        if need[2] and nj > 0:
-            _pixel_sums(g, (n * oh + b0) * ow * c, nj, ow, c, part_b, (n * oh + b0) * c)
+            if u < nj:
+                j = n * oh + b0 + u
+                if need[1]:
+                    _dw_grad_row(xs, u * xwp * c, c, xoff, red, g, j * ow * c, ow, part_w,
+                                 j * red * c, c)
+                if need[2]:
+                    _pixel_sums(g, j * ow * c, 1, ow, c, part_b, j * c)
         item = claim(counter)
 
 
