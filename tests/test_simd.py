@@ -4,14 +4,16 @@ odd strides and offset tables, and an empty reduction; the grad-weight sums (dot
 against NumPy, with reductions that end mid-vector; the max-pool block (max_block) against a
 scalar loop, with NaNs and ties; its backward (unpool_block) against NumPy, with a NaN
 gradient and indices outside their windows; the register transpose (transpose_block) and the
-depthwise channels-last tiles (tile_dw, dot_dw) against NumPy."""
+depthwise channels-last tiles (tile_dw, dot_dw) against NumPy; the write prefetch
+(prefetch_write) changes nothing."""
 
 import numpy as np
 import pytest
 from numba import literally, njit
 
-from fastconv.kernels._simd import (POOL_LANES, dot_dw, dot_taps, lanes, max_block, tile1t,
-                                    tile4, tile4t, tile_dw, transpose_block, unpool_block)
+from fastconv.kernels._simd import (POOL_LANES, dot_dw, dot_taps, lanes, max_block,
+                                    prefetch_write, tile1t, tile4, tile4t, tile_dw,
+                                    transpose_block, unpool_block)
 
 
 @njit
@@ -286,3 +288,20 @@ def test_dot_dw_matches_numpy(dtype, ntaps, nvec, n):
     _dw_dot(x, xs, xstep, off, r0, g, gs, gstep, n, out, o0, ostride, ntaps, nvec)
     t = 1e-5 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(out, want, rtol=t, atol=t)
+
+
+@njit
+def _prefetch(a, start, count):
+    prefetch_write(a, start, count)
+    return a[start] if count else a[0]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
+def test_prefetch_write_changes_nothing(dtype):
+    """A hint only: whole lines, a part of one, none, an unaligned start; the array and what
+    is read after it are unchanged."""
+    a = np.arange(1000).astype(dtype)
+    before = a.copy()
+    for start, count in [(0, 1000), (3, 5), (999, 1), (17, 0), (500, 333)]:
+        assert _prefetch(a, start, count) == before[start if count else 0]
+    np.testing.assert_array_equal(a, before)

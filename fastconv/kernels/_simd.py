@@ -27,7 +27,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic, register_jitable
 
 __all__ = ["VECTOR_BYTES", "TILE_VECTORS", "POOL_LANES", "lanes", "tile4", "tile4t", "tile1t",
-           "dot_taps", "tile_dw", "dot_dw", "max_block", "unpool_block", "transpose_block"]
+           "dot_taps", "tile_dw", "dot_dw", "max_block", "unpool_block", "transpose_block",
+           "prefetch_write"]
 
 VECTOR_BYTES = 64  # one accumulator vector
 
@@ -605,6 +606,38 @@ def transpose_block(typingctx, src, s0, sstride, dst, d0, dstride):
             h //= 2
         for q in range(n):
             builder.store(rows[q], at(d_p, d0_, ds, q), align=size)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def prefetch_write(typingctx, a, start, count):
+    """Hint that ``a[start : start + count]`` is about to be written: one write prefetch per
+    64-byte line (``llvm.prefetch``, into the caches in a writable state), so the stores that
+    follow find their lines there instead of each waiting for it from memory. Only a hint:
+    nothing is loaded or stored (callers keep the range within ``a`` all the same)."""
+    if not (isinstance(a, types.Array) and isinstance(start, types.Integer)
+            and isinstance(count, types.Integer)):
+        return None
+    sig = types.none(a, start, count)
+
+    def codegen(context, builder, sig, args):
+        arg = _Args(context, builder, sig, args)
+        p = arg.data(0)
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+            "llvm.prefetch.p0i8")
+        intp = arg.index(1).type
+        esize = ir.Constant(intp, context.get_abi_sizeof(p.type.pointee))
+        base = builder.bitcast(builder.gep(p, [arg.index(1)]), i8p)
+        n_bytes = builder.mul(arg.index(2), esize)
+        with cgutils.for_range_slice(builder, ir.Constant(intp, 0), n_bytes,
+                                     ir.Constant(intp, 64), intp=intp) as (off, _):
+            builder.call(fn, [builder.gep(base, [off]), ir.Constant(i32, 1), ir.Constant(i32, 3),
+                              ir.Constant(i32, 1)])
         return context.get_dummy_value()
 
     return sig, codegen

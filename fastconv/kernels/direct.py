@@ -55,7 +55,7 @@ from numba import njit, uint64
 
 from . import NUMBA_CACHE, _parallel, _reduce, _simd, direct_nhwc
 from ._numba import cdiv, claim, sum_flat, wide
-from ._simd import dot_taps, lanes, tile1t, tile4t, transpose_block
+from ._simd import dot_taps, lanes, prefetch_write, tile1t, tile4t, transpose_block
 
 __all__ = ["unsupported", "conv2d_forward", "conv2d_backward"]
 
@@ -432,6 +432,10 @@ def _correlate_tile(img, t0, n, r0, nr, b_lo, b_hi, offs, wpk, blocks, bias, has
     kc1 = blocks[b_hi - 1, 0] + blocks[b_hi - 1, 1]
     m = (nr - 1) * gw + nvc  # the last row stops at its last valid column
     acc = np.empty((KB, acc_width), dtype=out.dtype)
+    pf0 = pf_n = 0
+    if nhwc and xs == 1 and ys == 1:  # the tile's output rows are one range of the output
+        pf0 = ((n * oh_out + r0 + yo) * ow_out + xo) * k_out
+        pf_n = nr * ow_out * k_out
     for blk in range(b_lo, b_hi):
         k0, nv, grp = blocks[blk, 0], blocks[blk, 1], blocks[blk, 2]
         for r in range(KB if nv > 1 else 1):
@@ -481,6 +485,12 @@ def _correlate_tile(img, t0, n, r0, nr, b_lo, b_hi, offs, wpk, blocks, bias, has
                 s0 = uint64((k0 + r - kc0) * acc_width)
                 for t in range(uint64(m)):
                     scr[s0 + t] = acc[r, t] + bk
+            if pf_n > 0:
+                # the output rows' lines fetched for writing a share per block, while the
+                # blocks compute: the stores at the end of the tile then find them in cache
+                share = cdiv(pf_n, b_hi - b_lo)
+                lo = (blk - b_lo) * share
+                prefetch_write(of, pf0 + lo, max(0, min(share, pf_n - lo)))
             continue
         for r in range(nv):
             k = k0 + r
