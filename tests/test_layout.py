@@ -211,14 +211,16 @@ def test_layout_transposes_match_numpy(dtype):
     ((2, 20, 9, 11), (24, 20, 3, 3), dict(padding=1, stride=2)),  # grad-input: 20 channels
     ((2, 72, 5, 9), (72, 1, 3, 3), dict(padding=1, groups=72)),  # depthwise: 64 + 8, 9 pixels
     ((2, 64, 9, 10), (64, 1, 3, 3), dict(padding=1, stride=2, groups=64)),
-], ids=["k70", "k30", "k40-s2", "k24", "c20-s2", "dw72", "dw64-s2"])
+    # forward and grad-input reductions (648, 684 entries) in chunks (RED_CHUNK_BYTES)
+    ((2, 72, 6, 7), (76, 72, 3, 3), dict(padding=1)),
+], ids=["k70", "k30", "k40-s2", "k24", "c20-s2", "dw72", "dw64-s2", "red648"])
 def test_direct_nhwc_register_tiles_match_naive(x_shape, w_shape, conf, dtype):
     """direct's channels-last register tiles where channels and pixels are not multiples of
     a tile (the last group of 4 pixels and the last vector of channels overlap the tiles
     before them, computed again in a scratch tile and not stored twice) and depthwise tiles
     of 4 pixels x up to 4 vectors of channels; first layers' forward by the NCHW tiles, stored
-    channels-last through overlapping register transposes: forward and all gradients against
-    naive."""
+    channels-last through overlapping register transposes; reductions long enough to run in
+    chunks: forward and all gradients against naive."""
     rng = np.random.default_rng(42)
     x = rng.standard_normal(x_shape).astype(dtype)
     w = rng.standard_normal(w_shape).astype(dtype)

@@ -68,6 +68,7 @@ DW_TAPS, NVEC_DW = (9, 2) if NVEC > 1 else (4, 1)
 PIXEL_BLOCK = 256  # grad-weight: pixels of grad-output walked while they stay in cache
 RED_BLOCK = 32  # grad-weight: reduction entries per work item
 BAND_BYTES = 512 << 10  # depthwise: padded rows a work item lays out (in L2)
+RED_CHUNK_BYTES = 160 << 10  # forward / grad-input: most filters of a reduction chunk (L2)
 
 _FM = {"contract"}  # FMA contraction only: NaN and inf propagate as in naive.py
 _FMR = {"contract", "reassoc"}  # sums that vectorize (in a fixed order all the same)
@@ -225,8 +226,9 @@ def _correlate_part(src, off, w, bias, out, geom, counter):
     n_kb = cdiv(kg, KC)
     n_items = n_img * nu * groups * n_kb
     sstep, ostep = scs * cs, ocs * ko
-    nl = lanes(out)
-    scratch = np.empty(4 * NVEC * nl, dtype=out.dtype)
+    scratch = np.empty(4 * NVEC * lanes(out), dtype=out.dtype)
+    rc = max(4, RED_CHUNK_BYTES // (KC * out.itemsize))
+    rc = cdiv(red, cdiv(red, rc)) if red else 1  # chunks of even size
     item = claim(counter)
     while item < n_items:
         kb = item % n_kb
@@ -240,51 +242,64 @@ def _correlate_part(src, off, w, bias, out, geom, counter):
         o = ((n * ho + or0 + u * ors) * wo + oc0) * ko + koff
         _init_rows(out, o, ostep, nv, kc, bias, koff, has_bias)
         s = ((n * hs + u * srs) * ws) * cs + grp * cgs
-        v = 0
-        while v < nv and nv >= 4:
-            # the last group of 4 pixels ends at the row's end; its pixels already done
-            # (u < fresh) are computed again in a scratch tile and not stored
-            vs = min(v, nv - 4)
-            fresh = v - vs
-            s0, o0 = s + vs * sstep, o + vs * ostep
-            k0 = 0
-            while k0 + NVEC * nl <= kc:  # 4 pixels x NVEC vectors of channels, in registers
-                if fresh == 0:
-                    tile4(src, s0, s0 + sstep, s0 + 2 * sstep, s0 + 3 * sstep, off, 0, red, w,
-                          koff + k0, ko, out, o0 + k0, o0 + ostep + k0, o0 + 2 * ostep + k0,
-                          o0 + 3 * ostep + k0, NVEC)
-                else:
-                    _tile_part(src, s0, sstep, off, red, w, koff + k0, ko, scratch, NVEC, out,
-                               o0 + k0, ostep, fresh, 0)
-                k0 += NVEC * nl
-            while k0 + nl <= kc:
-                if fresh == 0:
-                    tile4(src, s0, s0 + sstep, s0 + 2 * sstep, s0 + 3 * sstep, off, 0, red, w,
-                          koff + k0, ko, out, o0 + k0, o0 + ostep + k0, o0 + 2 * ostep + k0,
-                          o0 + 3 * ostep + k0, 1)
-                else:
-                    _tile_part(src, s0, sstep, off, red, w, koff + k0, ko, scratch, 1, out,
-                               o0 + k0, ostep, fresh, 0)
-                k0 += nl
-            if k0 < kc and kc >= nl:  # one vector ending at kc; its lanes below k0 are done
-                _tile_part(src, s0, sstep, off, red, w, koff + kc - nl, ko, scratch, 1, out,
-                           o0 + kc - nl, ostep, fresh, k0 - (kc - nl))
-            elif k0 < kc and fresh == 0:
-                _row4(src, s0, sstep, off, 0, red, w, koff + k0, ko, out, o0 + k0, ostep,
-                      kc - k0)
-            elif k0 < kc:
-                for uu in range(fresh, 4):
-                    _row1(src, s0 + uu * sstep, off, 0, red, w, koff + k0, ko, out,
-                          o0 + uu * ostep + k0, kc - k0)
-            v = vs + 4
-        while v < nv:  # rows of fewer than 4 pixels
-            _row1(src, s + v * sstep, off, 0, red, w, koff, ko, out, o + v * ostep, kc)
-            v += 1
+        # the reduction in chunks whose filters stay in L2 across the row's pixels: over the
+        # whole reduction at once, every tile of 4 pixels streamed all of the block's filters
+        # (vgg-256: 590 KB) from beyond it; one chunk where they fit (a chunk per 64 entries
+        # made keras-c2 0.77x: each chunk loads and stores the tiles' accumulators again)
+        for r0 in range(0, red, rc):
+            r1 = min(red, r0 + rc)
+            _row_part(src, s, sstep, off, r0, r1, w, koff, ko, out, o, ostep, nv, kc, scratch)
         item = claim(counter)
 
 
 @njit(cache=NUMBA_CACHE, nogil=True)
-def _tile_part(src, s0, sstep, off, red, w, wb, ko, scratch, nvec, out, o0, ostep, u0, l0):
+def _row_part(src, s, sstep, off, r0, r1, w, koff, ko, out, o, ostep, nv, kc, scratch):
+    """out[o + v*ostep + kk] += sum over r in [r0, r1) of src[s + v*sstep + off[r]] *
+    w[r*ko + koff + kk] for a row's nv pixels v and kc channels kk (see `_correlate_part`)."""
+    nl = lanes(out)
+    v = 0
+    while v < nv and nv >= 4:
+        # the last group of 4 pixels ends at the row's end; its pixels already done
+        # (u < fresh) are computed again in a scratch tile and not stored
+        vs = min(v, nv - 4)
+        fresh = v - vs
+        s0, o0 = s + vs * sstep, o + vs * ostep
+        k0 = 0
+        while k0 + NVEC * nl <= kc:  # 4 pixels x NVEC vectors of channels, in registers
+            if fresh == 0:
+                tile4(src, s0, s0 + sstep, s0 + 2 * sstep, s0 + 3 * sstep, off, r0, r1, w,
+                      koff + k0, ko, out, o0 + k0, o0 + ostep + k0, o0 + 2 * ostep + k0,
+                      o0 + 3 * ostep + k0, NVEC)
+            else:
+                _tile_part(src, s0, sstep, off, r0, r1, w, koff + k0, ko, scratch, NVEC, out,
+                           o0 + k0, ostep, fresh, 0)
+            k0 += NVEC * nl
+        while k0 + nl <= kc:
+            if fresh == 0:
+                tile4(src, s0, s0 + sstep, s0 + 2 * sstep, s0 + 3 * sstep, off, r0, r1, w,
+                      koff + k0, ko, out, o0 + k0, o0 + ostep + k0, o0 + 2 * ostep + k0,
+                      o0 + 3 * ostep + k0, 1)
+            else:
+                _tile_part(src, s0, sstep, off, r0, r1, w, koff + k0, ko, scratch, 1, out,
+                           o0 + k0, ostep, fresh, 0)
+            k0 += nl
+        if k0 < kc and kc >= nl:  # one vector ending at kc; its lanes below k0 are done
+            _tile_part(src, s0, sstep, off, r0, r1, w, koff + kc - nl, ko, scratch, 1, out,
+                       o0 + kc - nl, ostep, fresh, k0 - (kc - nl))
+        elif k0 < kc and fresh == 0:
+            _row4(src, s0, sstep, off, r0, r1, w, koff + k0, ko, out, o0 + k0, ostep, kc - k0)
+        elif k0 < kc:
+            for uu in range(fresh, 4):
+                _row1(src, s0 + uu * sstep, off, r0, r1, w, koff + k0, ko, out,
+                      o0 + uu * ostep + k0, kc - k0)
+        v = vs + 4
+    while v < nv:  # rows of fewer than 4 pixels
+        _row1(src, s + v * sstep, off, r0, r1, w, koff, ko, out, o + v * ostep, kc)
+        v += 1
+
+
+@njit(cache=NUMBA_CACHE, nogil=True)
+def _tile_part(src, s0, sstep, off, r0, r1, w, wb, ko, scratch, nvec, out, o0, ostep, u0, l0):
     """The `tile4` of 4 pixels (source s0 + u*sstep) x nvec vectors of channels (filters from
     wb) into ``scratch``, then out[o0 + u*ostep + l] += scratch[u, l] for the pixels u >= u0
     and lanes l >= l0 only: the others overlap a tile already stored. Where a row's pixels or
@@ -296,7 +311,7 @@ def _tile_part(src, s0, sstep, off, red, w, wb, ko, scratch, nvec, out, o0, oste
     m = nvec * lanes(out)
     for i in range(4 * m):
         scratch[i] = 0.0
-    tile4(src, s0, s0 + sstep, s0 + 2 * sstep, s0 + 3 * sstep, off, 0, red, w, wb, ko, scratch,
+    tile4(src, s0, s0 + sstep, s0 + 2 * sstep, s0 + 3 * sstep, off, r0, r1, w, wb, ko, scratch,
           0, m, 2 * m, 3 * m, nvec)
     for uu in range(u0, 4):
         for q in range(l0, m):
