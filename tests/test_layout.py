@@ -240,6 +240,32 @@ def test_direct_nhwc_register_tiles_match_naive(x_shape, w_shape, conf, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_direct_nhwc_results_do_not_depend_on_threads(dtype):
+    """direct's channels-last kernels split their work by the thread count (grad-weight's
+    reduction blocks, the chunks of long reductions): forward and all gradients bit-identical
+    on 1, 2 and 3 threads."""
+    from fastconv.kernels import _parallel
+
+    rng = np.random.default_rng(45)
+    x = rng.standard_normal((2, 7, 6, 72)).astype(dtype)
+    w = rng.standard_normal((3, 3, 72, 76)).astype(dtype)
+    b = rng.standard_normal(76).astype(dtype)
+    g = rng.standard_normal((2, 7, 6, 76)).astype(dtype)
+    count, runs = _parallel.count, []
+    try:
+        for threads in (1, 2, 3):
+            fc.set_num_threads(threads)
+            runs.append((fc.conv2d(x, w, b, padding=1, layout="NHWC", method="direct"),
+                         *fc.conv2d_backward(g, x, w, padding=1, layout="NHWC",
+                                             method="direct")))
+    finally:
+        fc.set_num_threads(count)
+    for other in runs[1:]:
+        for a, ref in zip(other, runs[0]):
+            np.testing.assert_array_equal(a, ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("band_bytes", [1, 6000, 512 << 10], ids=["1row", "few", "default"])
 def test_direct_nhwc_depthwise_bands_match_naive(band_bytes, dtype, monkeypatch):
     """direct's channels-last depthwise layers by bands of rows, each padded in a scratch

@@ -66,7 +66,7 @@ NVEC = _simd.TILE_VECTORS  # vectors of channels per register tile (see fastconv
 # elsewhere (a 64-byte vector is two of AVX2's 16)
 DW_TAPS, NVEC_DW = (9, 2) if NVEC > 1 else (4, 1)
 PIXEL_BLOCK = 256  # grad-weight: pixels of grad-output walked while they stay in cache
-RED_BLOCK = 32  # grad-weight: reduction entries per work item
+RED_BLOCK = 32, 1024  # grad-weight: reduction entries per work item, least and most
 BAND_BYTES = 512 << 10  # depthwise: padded rows a work item lays out (in L2)
 RED_CHUNK_BYTES = 160 << 10  # forward / grad-input: most filters of a reduction chunk (L2)
 
@@ -533,15 +533,15 @@ def _gw_scalar(x, off, r0, r1, g, dw, koff, kc, gc, k, pix, p0, p1):
 def _grad_weight_part(x, off, g, dw, pix, geom, counter):
     """Blocks of dw (red, K): dw[r, koff + kk] = sum over pixels p of x[pix[p] + off[r]] *
     g[p, koff + kk] (``pix``: each grad-output pixel's first input element). geom: groups,
-    channels per group in and out, reduction length. Items are (group, block of RED_BLOCK
-    reduction entries, block of KC output channels). Four reduction entries x NVEC (or one)
-    vectors of channels are accumulated in registers over a block of pixels (`tile4`); the
-    entries and channels left over go through `_gw4`."""
-    groups, cg, kg, red = geom
+    channels per group in and out, reduction length, entries per block. Items are (group,
+    block of reduction entries, block of KC output channels). Four reduction entries x NVEC
+    (or one) vectors of channels are accumulated in registers over a block of pixels
+    (`tile4`); the entries and channels left over go through `_gw4`."""
+    groups, cg, kg, red, rblock = geom
     k = groups * kg
     n_pix = pix.size
     nl = lanes(dw)
-    n_kb, n_rb = cdiv(kg, KC), cdiv(red, RED_BLOCK)
+    n_kb, n_rb = cdiv(kg, KC), cdiv(red, rblock)
     n_items = groups * n_rb * n_kb
     item = claim(counter)
     while item < n_items:
@@ -553,7 +553,7 @@ def _grad_weight_part(x, off, g, dw, pix, geom, counter):
         kc = min(KC, kg - kb * KC)
         kv = kc - kc % nl  # channels the vector tiles take
         gc = grp * cg
-        r0, r1 = rb * RED_BLOCK, min(red, (rb + 1) * RED_BLOCK)
+        r0, r1 = rb * rblock, min(red, (rb + 1) * rblock)
         rv = r0 + (r1 - r0) // 4 * 4 if kv > 0 else r0  # entries the vector tiles take
         for r in range(r0, r1):
             for kk in range(kc):
@@ -827,10 +827,16 @@ def _grad_weight(g, x, spec):
         return part.sum(axis=0).reshape(r, s, 1, c)
     off = _offsets(taps, cg, wp, c)
     dwt = np.empty((r * s * cg, k), dtype=spec.dtype)
-    geom = (spec.groups, cg, k // spec.groups, len(off))
+    # blocks as long as leave 4 items a thread: each item reads all of its channels'
+    # grad-output, so 32-entry blocks read vgg-256's 288 times. Who computes which entries
+    # only; every sum runs over the pixels in the same order.
+    others = spec.groups * cdiv(k // spec.groups, KC)
+    rblock = cdiv(len(off), max(1, 4 * _parallel.count // others))
+    rblock = min(RED_BLOCK[1], max(RED_BLOCK[0], cdiv(rblock, 4) * 4))
+    geom = (spec.groups, cg, k // spec.groups, len(off), rblock)
     pix = (((np.arange(n)[:, None, None] * hp + np.arange(oh)[None, :, None] * sh) * wp
             + np.arange(ow)[None, None, :] * sw) * c).astype(np.int64).reshape(-1)
-    n_items = spec.groups * cdiv(len(off), RED_BLOCK) * cdiv(k // spec.groups, KC)
+    n_items = others * cdiv(len(off), rblock)
     _parallel.run(_grad_weight_part, (src.reshape(-1), off, g.reshape(-1), dwt.reshape(-1),
                                       pix, geom), n_items,
                   _parallel.conv_work_ns(spec))
