@@ -495,23 +495,21 @@ def _depthwise_backward_bands(g, x, wflip, goff, xoff, dx, part_w, part_b, need,
                     _dw_grad_row(xs, u * xwp * c, c, xoff, red, g, j * ow * c, ow, part_w,
                                  j * red * c, c)
                 if need[2]:
-                    _pixel_sums(g, j * ow * c, 1, ow, c, part_b, j * c)
+                    _pixel_sums(g, j * ow * c, ow, c, part_b, j * c)
         item = claim(counter)
 
 
 @njit(cache=NUMBA_CACHE, nogil=True, fastmath=_FMR)
-def _pixel_sums(g, g0, rows, ow, c, out, o0):
-    """out[o0 + j*c + k] = sum over the ow pixels v of row j of g[g0 + (j*ow + v)*c + k]."""
+def _pixel_sums(g, g0, ow, c, out, o0):
+    """out[o0 + k] = sum over the ow pixels v of a row of g[g0 + v*c + k]."""
     wide()
-    n = uint64(c)
-    for j in range(rows):
-        d = uint64(o0 + j * c)
+    n, d = uint64(c), uint64(o0)
+    for k in range(n):
+        out[d + k] = 0.0
+    for v in range(ow):
+        s0 = uint64(g0 + v * c)
         for k in range(n):
-            out[d + k] = 0.0
-        for v in range(ow):
-            s0 = uint64(g0 + (j * ow + v) * c)
-            for k in range(n):
-                out[d + k] += g[s0 + k]
+            out[d + k] += g[s0 + k]
 
 
 @njit(cache=NUMBA_CACHE, nogil=True)
