@@ -433,7 +433,7 @@ def _correlate_tile(img, t0, n, r0, nr, b_lo, b_hi, offs, wpk, blocks, bias, has
     m = (nr - 1) * gw + nvc  # the last row stops at its last valid column
     acc = np.empty((KB, acc_width), dtype=out.dtype)
     pf0 = pf_n = 0
-    if nhwc and xs == 1 and ys == 1:  # the tile's output rows are one range of the output
+    if nhwc and xs == ys == 1 and xo == yo == 0:  # the tile's rows: one range of the output
         pf0 = ((n * oh_out + r0 + yo) * ow_out + xo) * k_out
         pf_n = nr * ow_out * k_out
     for blk in range(b_lo, b_hi):
