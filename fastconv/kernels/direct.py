@@ -434,7 +434,7 @@ def _correlate_tile(img, t0, n, r0, nr, b_lo, b_hi, offs, wpk, blocks, bias, has
     acc = np.empty((KB, acc_width), dtype=out.dtype)
     pf0 = pf_n = 0
     if nhwc and xs == ys == 1 and xo == yo == 0:  # the tile's rows: one range of the output
-        pf0 = ((n * oh_out + r0 + yo) * ow_out + xo) * k_out
+        pf0 = (n * oh_out + r0) * ow_out * k_out
         pf_n = nr * ow_out * k_out
     for blk in range(b_lo, b_hi):
         k0, nv, grp = blocks[blk, 0], blocks[blk, 1], blocks[blk, 2]

@@ -71,7 +71,6 @@ BAND_BYTES = 512 << 10  # depthwise: padded rows a work item lays out (in L2)
 RED_CHUNK_BYTES = 160 << 10  # forward / grad-input: most filters of a reduction chunk (L2)
 
 _FM = {"contract"}  # FMA contraction only: NaN and inf propagate as in naive.py
-_FMR = {"contract", "reassoc"}  # sums that vectorize (in a fixed order all the same)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,6 +469,8 @@ def _depthwise_backward_bands(g, x, wflip, goff, xoff, dx, part_w, part_b, need,
     rows = band + span - 1
     gs = np.empty(rows * gwp * c if need[0] else 0, dtype=dx.dtype)
     xs = np.empty(rows * xwp * c if need[1] else 0, dtype=dx.dtype)
+    q = cdiv(256, c)  # db: pixels per vector loop of _reduce._add_rows
+    acc = np.empty(q * c if need[2] else 0, dtype=dx.dtype)
     zero = np.zeros(1, dtype=dx.dtype)
     item = claim(counter)
     while item < n_img * n_bands:
@@ -494,22 +495,9 @@ def _depthwise_backward_bands(g, x, wflip, goff, xoff, dx, part_w, part_b, need,
                 if need[1]:
                     _dw_grad_row(xs, u * xwp * c, c, xoff, red, g, j * ow * c, ow, part_w,
                                  j * red * c, c)
-                if need[2]:
-                    _pixel_sums(g, j * ow * c, ow, c, part_b, j * c)
+                if need[2]:  # the row's pixels (rows of c in g) summed
+                    _reduce._add_rows(g, j * ow, (j + 1) * ow, c, q, acc, part_b, j * c)
         item = claim(counter)
-
-
-@njit(cache=NUMBA_CACHE, nogil=True, fastmath=_FMR)
-def _pixel_sums(g, g0, ow, c, out, o0):
-    """out[o0 + k] = sum over the ow pixels v of a row of g[g0 + v*c + k]."""
-    wide()
-    n, d = uint64(c), uint64(o0)
-    for k in range(n):
-        out[d + k] = 0.0
-    for v in range(ow):
-        s0 = uint64(g0 + v * c)
-        for k in range(n):
-            out[d + k] += g[s0 + k]
 
 
 @njit(cache=NUMBA_CACHE, nogil=True)
@@ -670,14 +658,13 @@ def conv2d_forward(x, w, b, spec):
     oh, ow = spec.out_hw
     src = _pad(x, pt, pb, pl, pr)
     hp, wp = src.shape[1:3]
-    dwise = _depthwise(spec)
     taps = [(p * dh, q * dw) for p in range(r) for q in range(s)]
-    off = _offsets(taps, 1 if dwise else cg, wp, c)
+    off = _offsets(taps, cg, wp, c)
     out = np.empty((n, oh, ow, k), dtype=spec.dtype)
     geom = (n, hp, wp, c, sh, sw, cg, oh, ow, k, 1, 0, 1, 0, oh, ow, spec.groups,
             k // spec.groups, len(off), b is not None)
     _run_correlation(src.reshape(-1), off, w.reshape(-1), b, out.reshape(-1), geom,
-                     _parallel.conv_work_ns(spec), dwise)
+                     _parallel.conv_work_ns(spec), False)  # depthwise: _depthwise_forward
     return out
 
 
@@ -725,7 +712,7 @@ def _depthwise_backward(g, x, w, spec, need_input, need_weight, need_bias):
     dt = spec.dtype
     dx = np.empty((n, h, wd, c) if need_input else 0, dtype=dt)
     part_w = np.empty((n * oh, r * s, c) if need_weight else 0, dtype=dt)
-    part_b = np.empty((n * oh, c) if need_bias else 0, dtype=dt)
+    part_b = np.empty((n * oh, c) if need_bias else 0)  # float64, as _reduce.channel_sums
     if g.size and x.size:
         wflip = np.ascontiguousarray(w[::-1, ::-1]).reshape(-1)
         geom = (n, h, wd, c, oh, ow, span - 1 - pt, (s - 1) * dw - pl, gwp, pt, pl, xwp, span,
@@ -740,7 +727,7 @@ def _depthwise_backward(g, x, w, spec, need_input, need_weight, need_bias):
         dx[...] = 0
     return (dx if need_input else None,
             part_w.sum(axis=0).reshape(r, s, 1, c) if need_weight else None,
-            part_b.sum(axis=0) if need_bias else None)
+            part_b.sum(axis=0).astype(dt) if need_bias else None)
 
 
 class _Phase(NamedTuple):
