@@ -242,8 +242,8 @@ def test_direct_nhwc_register_tiles_match_naive(x_shape, w_shape, conf, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 def test_direct_nhwc_results_do_not_depend_on_threads(dtype):
     """direct's channels-last kernels split their work by the thread count (grad-weight's
-    reduction blocks, the chunks of long reductions): forward and all gradients bit-identical
-    on 1, 2 and 3 threads."""
+    reduction blocks; the case's reductions also run in chunks): forward and all gradients
+    bit-identical on 1, 2 and 3 threads."""
     from fastconv.kernels import _parallel
 
     rng = np.random.default_rng(45)
