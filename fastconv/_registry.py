@@ -322,7 +322,8 @@ _IM2COL = "fastconv.kernels.im2col"
 _DIRECT = "fastconv.kernels.direct"
 _POOL = "fastconv.kernels.pool"
 _CUDA = "fastconv.kernels.cuda"
-_GEMM = dict(unavailable=_blas_missing, unsupported=f"{_IM2COL}:unsupported", priority=5)
+_GEMM = dict(unavailable=_blas_missing, unsupported=f"{_IM2COL}:unsupported", priority=5,
+             layouts=("NCHW", "NHWC"))
 _CY = dict(unavailable=_cython_missing, priority=5)
 _LOOPS = dict(unsupported=f"{_DIRECT}:unsupported", priority=10, layouts=("NCHW", "NHWC"))
 _GPU = dict(device="cuda", unavailable=cuda_missing)

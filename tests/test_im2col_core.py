@@ -445,3 +445,42 @@ def test_serial_blas_holds_the_kernels_blas_at_one_thread_and_restores():
         assert _im2col.blas_threads() == 2 and others() == before
     finally:
         _im2col.set_blas_threads(saved)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,n_threads", [(1, 3), (5, 2), (64, 1)])
+def test_row_products_match_numpy(rows, n_threads, dtype):
+    """`rows_times` / `rows_gram` (channels-last 1x1 layers) against NumPy's products, run by
+    several threads sharing one counter; the gram's slabs sum to the product."""
+    rng = np.random.default_rng(7)
+    m, p, q = 37, 11, 6
+    a = rand(rng, (m, p), dtype)
+    b, bias = rand(rng, (p, q), dtype), rand(rng, (q,), dtype)
+    out = np.full((m, q), np.nan, dtype)
+    run_parts(_im2col.rows_times, (a, b, bias, out, False, rows), n_threads)
+    np.testing.assert_allclose(out, a @ b + bias, **TOL[dtype])
+    back = np.full((m, p), np.nan, dtype)
+    run_parts(_im2col.rows_times, (out, b, None, back, True, rows), n_threads)
+    np.testing.assert_allclose(back, out @ b.T, **TOL[dtype])
+    slabs = np.full((4, p, q), np.nan, dtype)
+    run_parts(_im2col.rows_gram, (a, out, slabs, rows), n_threads)
+    np.testing.assert_allclose(slabs.sum(axis=0), a.T @ out, **TOL[dtype])
+
+
+def test_row_products_reject_misfit_arguments():
+    z = np.zeros
+    c = np.zeros(1, np.int64)
+    with pytest.raises(ValueError, match="do not fit"):
+        _im2col.rows_times(z((4, 3)), z((2, 5)), None, z((4, 5)), False, 2, c)
+    with pytest.raises(ValueError, match="do not fit"):
+        _im2col.rows_times(z((4, 3)), z((3, 5)), None, z((4, 5)), True, 2, c)
+    with pytest.raises(ValueError, match="rows against"):
+        _im2col.rows_times(z((4, 3)), z((3, 5)), None, z((5, 5)), False, 2, c)
+    with pytest.raises(ValueError, match="bias has 4 entries"):
+        _im2col.rows_times(z((4, 3)), z((3, 5)), z(4), z((4, 5)), False, 2, c)
+    with pytest.raises(ValueError, match="rows=0"):
+        _im2col.rows_times(z((4, 3)), z((3, 5)), None, z((4, 5)), False, 0, c)
+    with pytest.raises(ValueError, match="slabs of shape"):
+        _im2col.rows_gram(z((4, 3)), z((4, 5)), z((2, 5, 3)), 2, c)
+    with pytest.raises(ValueError, match="5 slabs for 4 rows"):
+        _im2col.rows_gram(z((4, 3)), z((4, 5)), z((5, 3, 5)), 2, c)

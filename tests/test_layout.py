@@ -179,6 +179,51 @@ def test_direct_reads_channels_last_without_transposing(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("tile_bytes", [1, 1 << 20], ids=["1row", "default"])
+def test_im2col_nhwc_pointwise_is_a_gemm_in_place(tile_bytes, dtype, monkeypatch):
+    """im2col's channels-last 1x1 layers (stride 1, no padding, one group) multiply the arrays
+    as they lie, never transposed: forward and every subset of the gradients against naive,
+    on one row per item and on the default blocks, with and without bias, on 1 and 3 threads
+    (several slabs); other channels-last problems still go through the adapter."""
+    from fastconv.kernels import im2col
+
+    rng = np.random.default_rng(46)
+    monkeypatch.setattr(im2col, "_through_nchw", lambda op: pytest.fail(f"{op} was transposed"))
+    monkeypatch.setattr(im2col, "TILE_BYTES", tile_bytes)
+    count = fc.get_num_threads()
+    try:
+        for threads, (n, h, w, c, k) in [(1, (2, 3, 5, 7, 9)), (3, (3, 17, 11, 40, 3)),
+                                         (3, (1, 1, 1, 1, 1)), (1, (4, 9, 8, 33, 70))]:
+            fc.set_num_threads(threads)
+            x = rng.standard_normal((n, h, w, c)).astype(dtype)
+            wt = rng.standard_normal((1, 1, c, k)).astype(dtype)
+            b = rng.standard_normal(k).astype(dtype)
+            g = rng.standard_normal((n, h, w, k)).astype(dtype)
+            before = [a.copy() for a in (x, wt, b, g)]
+            for bias in (b, None):
+                want = fc.conv2d(x, wt, bias, layout="NHWC", method="naive")
+                got = fc.conv2d(x, wt, bias, layout="NHWC", method="im2col")
+                np.testing.assert_allclose(got, want, **tol(dtype, c))
+            ref = fc.conv2d_backward(g, x, wt, layout="NHWC", method="naive")
+            for need in [(1, 1, 1), (1, 0, 0), (0, 1, 0), (0, 0, 1), (0, 1, 1)]:
+                got = fc.conv2d_backward(g, x, wt, layout="NHWC", method="im2col",
+                                         need_input=bool(need[0]), need_weight=bool(need[1]),
+                                         need_bias=bool(need[2]))
+                for flag, a, r, red in zip(need, got, ref, (k, n * h * w, n * h * w)):
+                    if flag:
+                        np.testing.assert_allclose(a, r, **tol(dtype, red))
+                    else:
+                        assert a is None
+            for a, was in zip((x, wt, b, g), before):
+                np.testing.assert_array_equal(a, was)
+        with pytest.raises(pytest.fail.Exception, match="was transposed"):
+            fc.conv2d(x, rng.standard_normal((1, 1, c, k)), stride=2, layout="NHWC",
+                      method="im2col")
+    finally:
+        fc.set_num_threads(count)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 def test_layout_transposes_match_numpy(dtype):
     """`to_nchw` / `to_nhwc` (the adapter's transposes: blocks transposed in registers on the
     thread pool, edges element by element) against NumPy's, on shapes whose pixel and channel

@@ -684,3 +684,93 @@ def conv_backward_input(const floating[:, :, :, ::1] grad_out, const floating[:,
     finally:
         free(buf)
         free(gbuf)
+
+
+# ---------------------------------------------------------------------------------------------
+# channels-last 1x1 layers: the arrays are the GEMM's matrices, read and written in place
+
+
+cdef int _check_rows(str name, Py_ssize_t a_rows, Py_ssize_t c_rows, Py_ssize_t rows) except -1:
+    if BLAS_UNAVAILABLE is not None:
+        raise RuntimeError(f"{name}: {BLAS_UNAVAILABLE}")
+    if a_rows != c_rows:
+        raise ValueError(f"{name}: {a_rows} rows against {c_rows}")
+    if not 1 <= rows <= BLAS_SIZE_LIMIT:
+        raise ValueError(f"{name}: rows={rows} must be in [1, {BLAS_SIZE_LIMIT}]")
+    return 0
+
+
+def rows_times(const floating[:, ::1] a, const floating[:, ::1] b, const floating[::1] bias,
+               floating[:, ::1] c, bint trans_b, Py_ssize_t rows, int64_t[::1] counter):
+    """``c = a @ (b.T if trans_b else b) + bias`` by blocks of ``rows`` rows of ``a`` and ``c``
+    (block ``t`` is item ``t`` of ``counter``): a channels-last 1x1 layer's forward
+    (``a`` = x as (N*H*W, C), ``b`` = w as (C, K)) and grad-input (``a`` = grad-output as
+    (N*H*W, K), ``b`` = the same w, transposed). Each row is one GEMM's, whoever runs it."""
+    _check_rows("rows_times", a.shape[0], c.shape[0], rows)
+    cdef Py_ssize_t m = a.shape[0], kd = a.shape[1], nc = c.shape[1]
+    if (b.shape[1] if trans_b else b.shape[0]) != kd or \
+            (b.shape[0] if trans_b else b.shape[1]) != nc:
+        raise ValueError(f"rows_times: a of shape ({m}, {kd}), b of shape ({b.shape[0]}, "
+                         f"{b.shape[1]}) and c of shape ({m}, {nc}) do not fit")
+    if max(kd, nc) > BLAS_SIZE_LIMIT:
+        raise ValueError("rows_times: sizes exceed the 32-bit BLAS interface")
+    if bias is not None and bias.shape[0] != nc:
+        raise ValueError(f"rows_times: bias has {bias.shape[0]} entries, expected {nc}")
+    if m == 0 or nc == 0:
+        return
+    cdef Py_ssize_t n_items = (m + rows - 1) // rows, t, r0, r1, i
+    cdef const floating* bp = &bias[0] if bias is not None else NULL
+    cdef floating beta = 0 if bp == NULL else 1
+    with nogil:
+        t = claim(&counter[0])
+        while t < n_items:
+            r0 = t * rows
+            r1 = r0 + rows if r0 + rows < m else m
+            if bp != NULL:
+                for i in range(r0, r1):
+                    memcpy(&c[i, 0], bp, nc * sizeof(floating))
+            if kd == 0:
+                if bp == NULL:
+                    memset(&c[r0, 0], 0, (r1 - r0) * nc * sizeof(floating))
+            else:
+                # column-major: c[r0:r1].T (nc x m) = op(b).T (nc x kd) @ a[r0:r1].T (kd x m)
+                _gemm(c'T' if trans_b else c'N', c'N', <int>nc, <int>(r1 - r0), <int>kd,
+                      &b[0, 0], <int>(kd if trans_b else nc), &a[r0, 0], <int>kd, beta,
+                      &c[r0, 0], <int>nc)
+            t = claim(&counter[0])
+
+
+def rows_gram(const floating[:, ::1] a, const floating[:, ::1] b, floating[:, :, ::1] slabs,
+              Py_ssize_t rows, int64_t[::1] counter):
+    """Per slab ``s`` (item ``s`` of ``counter``): ``slabs[s] = a[rows_s].T @ b[rows_s]`` over
+    the slab's contiguous share of the rows, in blocks of at most ``rows``: a channels-last
+    1x1 layer's grad-weight (``a`` = x as (N*H*W, C), ``b`` = grad-output as (N*H*W, K)).
+    Their sum in slab order is the product; it depends on the slab count only."""
+    _check_rows("rows_gram", a.shape[0], b.shape[0], rows)
+    cdef Py_ssize_t m = a.shape[0], p = a.shape[1], q = b.shape[1], n_slabs = slabs.shape[0]
+    if slabs.shape[1] != p or slabs.shape[2] != q:
+        raise ValueError(f"rows_gram: slabs of shape ({n_slabs}, {slabs.shape[1]}, "
+                         f"{slabs.shape[2]}) for a product of shape ({p}, {q})")
+    if not 1 <= n_slabs <= max(m, 1) or max(p, q) > BLAS_SIZE_LIMIT:
+        raise ValueError(f"rows_gram: {n_slabs} slabs for {m} rows, or sizes beyond the "
+                         "32-bit BLAS interface")
+    if p == 0 or q == 0:
+        return
+    cdef Py_ssize_t s, r0, r1, end
+    cdef floating beta
+    with nogil:
+        s = claim(&counter[0])
+        while s < n_slabs:
+            r0 = s * m // n_slabs
+            end = (s + 1) * m // n_slabs
+            if r0 == end:
+                memset(&slabs[s, 0, 0], 0, p * q * sizeof(floating))
+            beta = 0
+            while r0 < end:
+                r1 = r0 + rows if r0 + rows < end else end
+                # column-major: slab.T (q x p) = b[r0:r1].T (q x m) @ a[r0:r1] (m x p)
+                _gemm(c'N', c'T', <int>q, <int>p, <int>(r1 - r0), &b[r0, 0], <int>q,
+                      &a[r0, 0], <int>p, beta, &slabs[s, 0, 0], <int>q)
+                beta = 1
+                r0 = r1
+            s = claim(&counter[0])

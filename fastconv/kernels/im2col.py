@@ -1,4 +1,4 @@
-"""im2col + GEMM conv2d, and window max-pool, on the Cython core (CPU, OpenMP + BLAS).
+"""im2col + GEMM conv2d, and window max-pool, on the Cython core (CPU, BLAS).
 
 Inputs are already validated and converted (see fastconv._validate): C-contiguous arrays of
 ``spec.dtype``. float32 stays float32 end to end (``sgemm``); float64 uses ``dgemm``.
@@ -78,11 +78,20 @@ a tile and ``e`` the item size:
   grad-input ``t * (cb*R*S * ib*P + Kg * ib*P) * e`` for blocks of ``cb`` channels and ``ib``
   images (about ``DX_BLOCK_BYTES`` each), allocated one after the other, never together.
 * max-pool: none beyond the output (and indices).
+
+Channels-last
+-------------
+A channels-last 1x1 layer (stride 1, no padding, one group) is a GEMM on its arrays as they
+lie: x as ``(N*H*W, C)``, w ``(1, 1, C, K)`` as ``(C, K)``, the output and grad-output as
+``(N*H*W, K)``. Forward and grad-input multiply blocks of rows, grad-weight sums slabs of
+rows (``_im2col.rows_times``, ``rows_gram``), on the pool with serial BLAS as above. Every
+other channels-last problem is transposed to NCHW and back (fastconv.kernels.layout).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 
 import numpy as np
@@ -227,8 +236,70 @@ def geometry(spec, kernel=None):
 # conv2d
 
 
+@functools.cache
+def _through_nchw(op):
+    from . import layout
+
+    return layout.adapt(op, {"conv2d": conv2d_forward, "conv2d_backward": conv2d_backward}[op])
+
+
+def _pointwise_nhwc(spec):
+    return spec.layout == "NHWC" and spec.groups == 1 and _pointwise(spec)
+
+
+def _row_block(spec, width):
+    """Rows per item of a channels-last 1x1 product whose rows are ``width`` elements (its
+    operand's and result's together): a tile of about TILE_BYTES, at least MIN_TILE_COLS,
+    fewer where that leaves threads idle."""
+    n, _, h, w = spec.x_shape
+    m = n * h * w
+    per = max(1, TILE_BYTES // (width * np.dtype(spec.dtype).itemsize))
+    rows = min(per, max(_cdiv(m, TILES_PER_THREAD * _parallel.count), MIN_TILE_COLS))
+    return max(1, min(rows, m))
+
+
+def _forward_nhwc(x, w, b, spec):
+    n, c, h, wd = spec.x_shape
+    k, m = spec.w_shape[0], n * h * wd
+    out = np.empty((n, h, wd, k), dtype=spec.dtype)
+    rows = _row_block(spec, c + k)
+    with serial_blas():
+        _parallel.run(_im2col.rows_times,
+                      (x.reshape(m, c), w.reshape(c, k), b, out.reshape(m, k), False, rows),
+                      _cdiv(m, rows), _parallel.conv_work_ns(spec))
+    return out
+
+
+def _backward_nhwc(g, x, w, spec, need_input, need_weight, need_bias):
+    n, c, h, wd = spec.x_shape
+    k, m = spec.w_shape[0], n * h * wd
+    dx = dw = db = None
+    g2, w2 = g.reshape(m, k), w.reshape(c, k)
+    with serial_blas():
+        if need_weight:
+            t = _parallel.count
+            n_slabs = min(N_SLABS if t <= N_SLABS else t, max(1, _cdiv(m, MIN_TILE_COLS)))
+            slabs = np.empty((n_slabs, c, k), dtype=spec.dtype)
+            _parallel.run(_im2col.rows_gram,
+                          (x.reshape(m, c), g2, slabs, _im2col.BLAS_SIZE_LIMIT), n_slabs,
+                          _parallel.conv_work_ns(spec))
+            dw = np.add.reduce(slabs, axis=0).reshape(1, 1, c, k)  # HWIO
+        if need_input:
+            dx = np.empty((n, h, wd, c), dtype=spec.dtype)
+            rows = _row_block(spec, c + k)
+            _parallel.run(_im2col.rows_times, (g2, w2, None, dx.reshape(m, c), True, rows),
+                          _cdiv(m, rows), _parallel.conv_work_ns(spec))
+    if need_bias:
+        db = _reduce.channel_sums(g, channels_last=True)
+    return dx, dw, db
+
+
 def conv2d_forward(x, w, b, spec):
     """conv2d by im2col + GEMM on tiles (see the module docstring)."""
+    if spec.layout == "NHWC":
+        if _pointwise_nhwc(spec):
+            return _forward_nhwc(x, w, b, spec)
+        return _through_nchw("conv2d")(x, w, b, spec)
     p = plan(spec)
     k = spec.w_shape[0]
     out = np.empty(spec.out_shape, dtype=spec.dtype)
@@ -241,6 +312,11 @@ def conv2d_forward(x, w, b, spec):
 
 def conv2d_backward(g, x, w, spec, need_input, need_weight, need_bias):
     """Gradients by GEMMs on tiles (see the module docstring)."""
+    if spec.layout == "NHWC":
+        if _pointwise_nhwc(spec):
+            return _backward_nhwc(g, x, w, spec, need_input, need_weight, need_bias)
+        return _through_nchw("conv2d_backward")(g, x, w, spec, need_input, need_weight,
+                                                need_bias)
     p = plan(spec)
     k = spec.w_shape[0]
     dx = dw = db = None
