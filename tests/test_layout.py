@@ -226,14 +226,15 @@ def test_im2col_nhwc_pointwise_is_a_gemm_in_place(tile_bytes, dtype, monkeypatch
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 def test_layout_transposes_match_numpy(dtype):
     """`to_nchw` / `to_nhwc` (the adapter's transposes: blocks transposed in registers on the
-    thread pool, edges element by element) against NumPy's, on shapes whose pixel and channel
-    counts are and are not multiples of the lanes, span several work items, or are 1 (then a
-    view); one large enough to run on both threads. The source is never modified."""
+    thread pool, edges element by element, fewer channels than the lanes by loops) against
+    NumPy's, on shapes whose pixel and channel counts are and are not multiples of the lanes,
+    span several work items, or are 1 (then a view); one large enough to run on both threads. The source is never modified."""
     from fastconv.kernels import layout
 
     rng = np.random.default_rng(41)
     shapes = [(2, 17, 19, 33), (3, 23, 29, 40), (1, 16, 16, 16), (2, 300, 1, 17), (2, 5, 7, 3),
-              (3, 4, 5, 1), (2, 1, 1, 9), (16, 26, 26, 64), (0, 3, 4, 5)]
+              (3, 4, 5, 1), (2, 1, 1, 9), (16, 26, 26, 64), (0, 3, 4, 5), (3, 70, 65, 3),
+              (2, 2, 3, 5)]
     for n, h, w, c in shapes:
         a = rng.standard_normal((n, h, w, c)).astype(dtype)
         before = a.copy()
