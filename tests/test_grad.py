@@ -136,7 +136,9 @@ def test_backward_is_deterministic(method):
     ((4, 4, 6, 9), (9, 4, 3, 5), dict(padding="same")),
     ((4, 2, 6, 20), (24, 2, 3, 3), {}),  # NHWC: whole register transposes of 18 pixels
     ((5, 1, 5, 6), (3, 1, 3, 3), dict(padding=3)),  # padding wider than the kernel
-], ids=["c1-k30", "c1-k7", "c3-pad", "c2-dil", "c4-1x1", "c4-same", "c2-k24", "big-pad"])
+    ((4, 1, 28, 28), (6, 1, 5, 5), {}),  # 32 x 32 grids, 4 KB: one row more (see below)
+], ids=["c1-k30", "c1-k7", "c3-pad", "c2-dil", "c4-1x1", "c4-same", "c2-k24", "big-pad",
+        "c1-4k"])
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 def test_direct_few_channel_backward_matches_naive(layout, x_shape, w_shape, conf, dtype):
     """direct's fused backward for 1-4 input channels (a few images per work item: their
@@ -176,6 +178,32 @@ def test_direct_few_channel_backward_matches_naive(layout, x_shape, w_shape, con
         gg = np.ones(fc.conv2d(a, b, **more).shape, dtype)
         opts = dict(stride=1, padding=0, dilation=1, groups=1) | more
         assert not direct.few_channels(_validate.conv2d_backward(gg, a, b, **opts)[3])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_direct_grad_output_grids_are_never_4k_apart(dtype):
+    """Grad-output planes a multiple of 4 KB apart share L1 sets (lenet-c1's 32 x 32): their
+    grid takes one row more, which the general grad-input still reads right (the fused
+    few-channel kernel's case is c1-4k above); a grid that adds nothing stays x itself."""
+    from fastconv import _validate
+    from fastconv.kernels import direct
+
+    rng = np.random.default_rng(9)
+    for x_shape, w_shape, padded in [((2, 5, 28, 28), (6, 5, 5, 5), True),
+                                     ((4, 1, 28, 28), (3, 1, 5, 5), True),
+                                     ((2, 6, 32, 32), (4, 6, 1, 1), False)]:
+        x = rng.standard_normal(x_shape).astype(dtype)
+        w = rng.standard_normal(w_shape).astype(dtype)
+        g = rng.standard_normal(fc.conv2d(x, w, method="naive").shape).astype(dtype)
+        spec = _validate.conv2d_backward(g, x, w, stride=1, padding=0, dilation=1,
+                                         groups=1)[3]
+        grid = direct._grad_input_plan(spec, 0).grid
+        assert (grid.plane * np.dtype(dtype).itemsize % 4096 != 0) == padded
+        want = _grads("naive", g, x, w, {})
+        got = _grads("direct", g, x, w, {})
+        n_pos = g.size // g.shape[1]
+        for a, b, red in zip(got, want, (int(np.prod(w_shape)), n_pos, n_pos)):
+            np.testing.assert_allclose(a, b, **tol(dtype, red))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])

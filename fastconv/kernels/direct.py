@@ -928,7 +928,10 @@ def _grad_input_plan(spec, min_gw):
     gpt, gpl = max(0, -min(es)), max(0, -min(fs))
     hg = max([gpt + oh] + [n_u + max(e for _, e in t) + gpt for _, n_u, t in rows if t])
     wg = max([gpl + ow] + [n_v + max(f for _, f in t) + gpl for _, n_v, t in cols if t])
-    grid = _Grid(gpt, gpl, 1, 1, hg, max(wg, min_gw))
+    gw = max(wg, min_gw)
+    if (hg, gw) != (oh, ow) and hg * gw * np.dtype(spec.dtype).itemsize % 4096 == 0:
+        hg += 1  # planes 4 KB apart share L1 sets: a row of one element in each of 16 planes
+    grid = _Grid(gpt, gpl, 1, 1, hg, gw)
     kg = k // spec.groups
     phases = []
     for a, n_u, tr in rows:
