@@ -344,7 +344,7 @@ register("max_pool2d_backward", "direct", f"{_POOL}:max_pool2d_backward", priori
          checks_indices=True)
 # Winograd: 3x3 stride-1 only; below im2col's priority, so auto takes it where measured fastest
 _WINO = dict(unavailable=_blas_missing, unsupported="fastconv.kernels.winograd:unsupported",
-             priority=3)
+             priority=3, layouts=("NCHW", "NHWC"))
 register("conv2d", "winograd", "fastconv.kernels.winograd:conv2d_forward", **_WINO)
 register("conv2d_backward", "winograd", "fastconv.kernels.winograd:conv2d_backward", **_WINO)
 register("conv2d", "cuda-naive", f"{_CUDA}:conv2d_forward_naive", **_GPU)

@@ -50,6 +50,66 @@ def test_random_gradients_match_naive(dtype):
             np.testing.assert_allclose(a, e, **tol(dtype, 9 * max(x.shape[1], w.shape[0])))
 
 
+def _nhwc(a):
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 1))
+
+
+def _hwio(w):
+    return np.ascontiguousarray(w.transpose(2, 3, 1, 0))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_channels_last_random_problems_match_scipy_and_naive(dtype):
+    """The channels-last kernel (transforms along the channels, products of tiles x channels):
+    forward against scipy.signal, all gradients against naive, on channel counts below, at
+    and above a vector."""
+    rng = np.random.default_rng(13)
+    for i in range(30):
+        x, w, b, conf = _random_problem(rng, dtype)
+        if i % 3 == 0:  # wider than a vector of channels, with a partial one
+            x = rng.standard_normal((*x.shape[:1], 19, *x.shape[2:])).astype(dtype)
+            w = rng.standard_normal((21, 19, 3, 3)).astype(dtype)
+            b = rng.standard_normal(21).astype(dtype)
+        got = fc.conv2d(_nhwc(x), _hwio(w), b, **conf, layout="NHWC", method="winograd")
+        assert got.dtype == dtype and got.flags.c_contiguous
+        np.testing.assert_allclose(got.transpose(0, 3, 1, 2), scipy_conv2d(x, w, b, **conf),
+                                   **tol(dtype, 9 * x.shape[1]))
+        g = rng.standard_normal(einsum_conv2d(x, w, **conf).shape).astype(dtype)
+        dx, dw, db = fc.conv2d_backward(_nhwc(g), _nhwc(x), _hwio(w), **conf, layout="NHWC",
+                                        method="winograd")
+        want = fc.conv2d_backward(g, x, w, **conf, method="naive")
+        red = 9 * max(x.shape[1], w.shape[0])
+        np.testing.assert_allclose(dx.transpose(0, 3, 1, 2), want[0], **tol(dtype, red))
+        np.testing.assert_allclose(dw.transpose(3, 2, 0, 1), want[1], **tol(dtype, red))
+        np.testing.assert_allclose(db, want[2], **tol(dtype, red))
+
+
+def test_nchw_through_the_channels_last_kernel_matches_scipy_and_naive():
+    """float32 NCHW problems with a vector to 64 channels each side run the channels-last
+    kernel on transposed arrays (forward, and grad-input with the channel counts swapped)."""
+    from fastconv.kernels._simd import lanes
+
+    rng = np.random.default_rng(14)
+    dtype = np.float32
+    nl = lanes(np.dtype(dtype))
+    assert not winograd._by_channels_last(64, 64, np.float64)
+    assert not winograd._by_channels_last(nl - 1, 64, dtype)
+    assert not winograd._by_channels_last(nl, 65, dtype)
+    for c, k, hw, pads in [(nl, nl + 3, (13, 13), ((1, 1), (1, 1))),
+                           (64, nl, (9, 22), ((0, 2), (3, 1)))]:
+        assert winograd._by_channels_last(c, k, dtype)
+        x = rng.standard_normal((2, c, *hw)).astype(dtype)
+        w = rng.standard_normal((k, c, 3, 3)).astype(dtype)
+        b = rng.standard_normal(k).astype(dtype)
+        got = fc.conv2d(x, w, b, padding=pads, method="winograd")
+        assert got.flags.c_contiguous
+        np.testing.assert_allclose(got, scipy_conv2d(x, w, b, padding=pads), **tol(dtype, 9 * c))
+        g = rng.standard_normal(got.shape).astype(dtype)
+        dx = fc.conv2d_backward(g, x, w, padding=pads, method="winograd").grad_input
+        want = fc.conv2d_backward(g, x, w, padding=pads, method="naive").grad_input
+        np.testing.assert_allclose(dx, want, **tol(dtype, 9 * k))
+
+
 def test_gradients_match_central_differences():
     rng = np.random.default_rng(9)
     x, w = rng.standard_normal((2, 3, 6, 7)), rng.standard_normal((4, 3, 3, 3))
@@ -62,7 +122,8 @@ def test_gradients_match_central_differences():
     np.testing.assert_allclose(db, ndb, rtol=1e-6, atol=1e-6)
 
 
-def test_many_blocks_with_a_tail_and_thread_independent_results():
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_many_blocks_with_a_tail_and_thread_independent_results(layout):
     """More tiles than one block holds, a partial last block, and bit-identical results on one
     thread and on all."""
     rng = np.random.default_rng(10)
@@ -70,12 +131,15 @@ def test_many_blocks_with_a_tail_and_thread_independent_results():
     w = rng.standard_normal((6, 5, 3, 3)).astype(np.float32)
     rows = winograd.plan(3 * 18, 10, fc.get_num_threads())  # tile rows of 10 tiles
     assert rows < 3 * 18 and (3 * 18) % rows
-    got = fc.conv2d(x, w, padding=1, method="winograd")
-    np.testing.assert_allclose(got, scipy_conv2d(x, w, padding=1), **tol(np.float32, 45))
+    want = scipy_conv2d(x, w, padding=1)
+    if layout == "NHWC":
+        x, w, want = _nhwc(x), _hwio(w), _nhwc(want)
+    got = fc.conv2d(x, w, padding=1, layout=layout, method="winograd")
+    np.testing.assert_allclose(got, want, **tol(np.float32, 45))
     threads = fc.get_num_threads()
     try:
         fc.set_num_threads(1)
-        one = fc.conv2d(x, w, padding=1, method="winograd")
+        one = fc.conv2d(x, w, padding=1, layout=layout, method="winograd")
     finally:
         fc.set_num_threads(threads)
     np.testing.assert_array_equal(one, got)
