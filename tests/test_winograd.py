@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import fastconv as fc
+from fastconv import _validate
 from fastconv.kernels import winograd
 from helpers import einsum_conv2d, numerical_grads, scipy_conv2d, tol
 
@@ -105,9 +106,45 @@ def test_nchw_through_the_channels_last_kernel_matches_scipy_and_naive():
         assert got.flags.c_contiguous
         np.testing.assert_allclose(got, scipy_conv2d(x, w, b, padding=pads), **tol(dtype, 9 * c))
         g = rng.standard_normal(got.shape).astype(dtype)
-        dx = fc.conv2d_backward(g, x, w, padding=pads, method="winograd").grad_input
-        want = fc.conv2d_backward(g, x, w, padding=pads, method="naive").grad_input
-        np.testing.assert_allclose(dx, want, **tol(dtype, 9 * k))
+        dx, dw, db = fc.conv2d_backward(g, x, w, padding=pads, method="winograd")
+        want = fc.conv2d_backward(g, x, w, padding=pads, method="naive")
+        np.testing.assert_allclose(dx, want.grad_input, **tol(dtype, 9 * k))
+        assert dw.flags.c_contiguous
+        np.testing.assert_allclose(dw, want.grad_weight, **tol(dtype, g[:, 0].size))
+        np.testing.assert_allclose(db, want.grad_bias, **tol(dtype, g[:, 0].size))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("chunk", [1, 5000, 4 << 20], ids=["row", "few", "default"])
+def test_grad_weight_by_winograd_in_chunks(chunk, layout, dtype, monkeypatch):
+    """Grad-weight by Winograd (`_grad_weight_nhwc`, where both channel counts fill a vector)
+    over chunks of one tile row, a few and all, added in order: against naive, and
+    bit-identical on 1 and 3 threads."""
+    from fastconv.kernels._simd import lanes
+
+    monkeypatch.setattr(winograd, "CHUNK_ELEMENTS", chunk)
+    rng = np.random.default_rng(15)
+    c, k = lanes(np.dtype(dtype)), lanes(np.dtype(dtype)) + 5
+    x = rng.standard_normal((3, c, 10, 13)).astype(dtype)
+    w = rng.standard_normal((k, c, 3, 3)).astype(dtype)
+    conf = dict(padding=((2, 0), (1, 1)))
+    g = rng.standard_normal(einsum_conv2d(x, w, **conf).shape).astype(dtype)
+    want = fc.conv2d_backward(g, x, w, **conf, method="naive").grad_weight
+    assert winograd._weight_by_winograd(
+        _validate.conv2d_backward(g, x, w, 1, conf["padding"], 1, 1)[3])
+    if layout == "NHWC":
+        x, w, g, want = _nhwc(x), _hwio(w), _nhwc(g), _hwio(want)
+    threads, runs = fc.get_num_threads(), []
+    try:
+        for n in (1, 3):
+            fc.set_num_threads(n)
+            runs.append(fc.conv2d_backward(g, x, w, **conf, layout=layout, method="winograd",
+                                           need_input=False, need_bias=False).grad_weight)
+    finally:
+        fc.set_num_threads(threads)
+    np.testing.assert_allclose(runs[0], want, **tol(dtype, g.size // k))
+    np.testing.assert_array_equal(runs[1], runs[0])
 
 
 def test_gradients_match_central_differences():
