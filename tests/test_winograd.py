@@ -106,12 +106,19 @@ def test_nchw_through_the_channels_last_kernel_matches_scipy_and_naive():
         assert got.flags.c_contiguous
         np.testing.assert_allclose(got, scipy_conv2d(x, w, b, padding=pads), **tol(dtype, 9 * c))
         g = rng.standard_normal(got.shape).astype(dtype)
-        dx, dw, db = fc.conv2d_backward(g, x, w, padding=pads, method="winograd")
         want = fc.conv2d_backward(g, x, w, padding=pads, method="naive")
-        np.testing.assert_allclose(dx, want.grad_input, **tol(dtype, 9 * k))
-        assert dw.flags.c_contiguous
-        np.testing.assert_allclose(dw, want.grad_weight, **tol(dtype, g[:, 0].size))
-        np.testing.assert_allclose(db, want.grad_bias, **tol(dtype, g[:, 0].size))
+        for need in [(True, True, True), (True, False, False), (False, True, False)]:
+            dx, dw, db = fc.conv2d_backward(g, x, w, padding=pads, method="winograd",
+                                            need_input=need[0], need_weight=need[1],
+                                            need_bias=need[2])
+            assert [a is not None for a in (dx, dw, db)] == list(need)
+            if need[0]:
+                np.testing.assert_allclose(dx, want.grad_input, **tol(dtype, 9 * k))
+            if need[1]:
+                assert dw.flags.c_contiguous
+                np.testing.assert_allclose(dw, want.grad_weight, **tol(dtype, g[:, 0].size))
+            if need[2]:
+                np.testing.assert_allclose(db, want.grad_bias, **tol(dtype, g[:, 0].size))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])

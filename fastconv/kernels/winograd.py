@@ -302,21 +302,29 @@ def conv2d_forward(x, w, b, spec):
 
 
 def conv2d_backward(g, x, w, spec, need_input, need_weight, need_bias):
-    """Grad-input by Winograd; grad-weight and grad-bias by the im2col kernels."""
-    from . import im2col
+    """Grad-input by Winograd; grad-weight by Winograd or im2col's kernels (see the module
+    docstring), grad-bias by `fastconv.kernels._reduce` or im2col's."""
+    from . import im2col, layout
 
     if spec.layout == "NHWC":
         return _backward_nhwc(g, x, w, spec, need_input, need_weight, need_bias)
     dx = dw = db = None
+    k, c = spec.w_shape[:2]
+    by_winograd = need_weight and _weight_by_winograd(spec)
+    if need_input and by_winograd and _by_channels_last(k, c, spec.dtype):
+        # both through channels-last: the grad-output transposed once for the two
+        dxt, dwt, _ = _backward_nhwc(layout.to_nhwc(g), layout.to_nhwc(x),
+                                     np.ascontiguousarray(w.transpose(2, 3, 1, 0)), spec, True,
+                                     True, False)
+        dx, need_input = layout.to_nchw(dxt), False
+    elif by_winograd:
+        dwt = _grad_weight_nhwc(layout.to_nhwc(g), layout.to_nhwc(x), spec)
     if need_input:
         (pt, _), (pl, _) = spec.padding
         rotated = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
         dx = _run(g, rotated, None, np.empty(spec.x_shape, dtype=spec.dtype), pt - 2, pl - 2,
                   _work_ns(spec))
-    if need_weight and _weight_by_winograd(spec):
-        from . import layout
-
-        dwt = _grad_weight_nhwc(layout.to_nhwc(g), layout.to_nhwc(x), spec)
+    if by_winograd:
         dw = np.ascontiguousarray(dwt.transpose(3, 2, 0, 1))
         db = _reduce.channel_sums(g) if need_bias else None
     elif need_weight or need_bias:
