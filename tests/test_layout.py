@@ -217,8 +217,41 @@ def test_im2col_nhwc_pointwise_is_a_gemm_in_place(tile_bytes, dtype, monkeypatch
             for a, was in zip((x, wt, b, g), before):
                 np.testing.assert_array_equal(a, was)
         with pytest.raises(pytest.fail.Exception, match="was transposed"):
-            fc.conv2d(x, rng.standard_normal((1, 1, c, k)), stride=2, layout="NHWC",
-                      method="im2col")
+            fc.conv2d(rng.standard_normal((1, 3, 3, 4)), rng.standard_normal((1, 1, 2, 6)),
+                      groups=2, layout="NHWC", method="im2col")
+    finally:
+        fc.set_num_threads(count)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("tile_bytes", [1, 1 << 20], ids=["1row", "default"])
+def test_im2col_nhwc_forward_stores_channels_last(tile_bytes, dtype, monkeypatch):
+    """im2col's channels-last forward of one group (`conv_forward_channels_last`): each tile's
+    GEMM writes its pixels' channels into the NHWC output, tiles of one output row and tiles
+    spanning images; with and without bias, strides, padding, dilation, on 1 and 3 threads;
+    never through the transposing adapter."""
+    from fastconv.kernels import im2col
+
+    monkeypatch.setattr(im2col, "_through_nchw", lambda op: pytest.fail(f"{op} was transposed"))
+    monkeypatch.setattr(im2col, "TILE_BYTES", tile_bytes)
+    rng = np.random.default_rng(47)
+    count = fc.get_num_threads()
+    try:
+        for threads, x_shape, w_shape, conf in [
+                (1, (3, 1, 9, 8), (5, 1, 3, 3), dict(padding=1)),
+                (3, (2, 3, 11, 7), (20, 3, 3, 2), dict(stride=(2, 1), dilation=(1, 2))),
+                (3, (5, 17, 4, 4), (9, 17, 1, 1), dict(stride=2, padding=(1, 0)))]:
+            fc.set_num_threads(threads)
+            x = rng.standard_normal(x_shape).astype(dtype)
+            w = rng.standard_normal(w_shape).astype(dtype)
+            b = rng.standard_normal(w_shape[0]).astype(dtype)
+            for bias in (b, None):
+                want = fc.conv2d(x, w, bias, **conf, method="naive")
+                got = fc.conv2d(nhwc(x), hwio(w), bias, **conf, layout="NHWC",
+                                method="im2col")
+                assert got.flags.c_contiguous
+                np.testing.assert_allclose(got.transpose(X_OUT), want,
+                                           **tol(dtype, int(np.prod(w_shape[1:]))))
     finally:
         fc.set_num_threads(count)
 

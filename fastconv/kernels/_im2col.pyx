@@ -485,6 +485,57 @@ def conv_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w,
         free(prod)
 
 
+cdef void _forward_tile_channels_last(const floating* xp, const floating* wp,
+                                      const floating* bp, floating* yp, Geom g, Py_ssize_t g0,
+                                      Py_ssize_t g1, floating* buf) noexcept nogil:
+    """`_forward_tile` of one group storing channels-last: output rows [g0, g1) are pixels
+    ``g0*ow .. g1*ow`` of ``out`` (N, oh, ow, K), contiguous across images, so the tile is one
+    GEMM whatever images it spans, its K channels a pixel's row (the bias laid there first)."""
+    cdef Py_ssize_t K = g.K, crs = g.C * g.kh * g.kw, T = (g1 - g0) * g.ow, p
+    cdef floating* d = yp + g0 * g.ow * K
+    _unfold_group(xp, g, 0, crs, g0, g1, buf)
+    if bp != NULL:
+        for p in range(T):
+            memcpy(d + p * K, bp, K * sizeof(floating))
+    # column-major: out[pixels] (K x T, ld K) = w (K x crs) @ columns.T (crs x T)
+    _gemm(c'T', c'T', <int>K, <int>T, <int>crs, wp, <int>crs, buf, <int>T,
+          0 if bp == NULL else 1, d, <int>K)
+
+
+def conv_forward_channels_last(const floating[:, :, :, ::1] x, const floating[:, ::1] w,
+                               const floating[::1] bias, floating[:, :, :, ::1] out,
+                               tuple geometry, int tile_rows, int64_t[::1] counter):
+    """`conv_forward` of one group with ``out`` channels-last, (N, oh, ow, K): x is NCHW."""
+    cdef Geom g = geom(geometry)
+    _check_conv("conv_forward_channels_last", g,
+                (x.shape[0], x.shape[1], x.shape[2], x.shape[3]), w.shape[0], w.shape[1],
+                (out.shape[0], out.shape[3], out.shape[1], out.shape[2]))
+    if g.groups != 1:
+        raise ValueError(f"conv_forward_channels_last: groups={g.groups}, expected 1")
+    if bias is not None and bias.shape[0] != g.K:
+        raise ValueError(f"conv_forward_channels_last: bias has {bias.shape[0]} entries, "
+                         f"expected {g.K}")
+    cdef Py_ssize_t G = g.N * g.oh
+    if not 1 <= tile_rows <= G or tile_rows * g.ow > BLAS_SIZE_LIMIT:
+        raise ValueError(f"conv_forward_channels_last: tile_rows={tile_rows} must be in [1, "
+                         f"{G}] and make tiles within the 32-bit BLAS interface")
+    cdef Py_ssize_t n_tiles = (G + tile_rows - 1) // tile_rows, T = tile_rows * g.ow
+    cdef Py_ssize_t t, g0, g1
+    cdef const floating* bp = &bias[0] if bias is not None else NULL
+    cdef floating* buf = _buffer("conv_forward_channels_last", w.shape[1] * T, x[0, 0, 0, 0])
+    try:
+        with nogil:
+            t = claim(&counter[0])
+            while t < n_tiles:
+                g0 = t * tile_rows
+                g1 = g0 + tile_rows if g0 + tile_rows < G else G
+                _forward_tile_channels_last(&x[0, 0, 0, 0], &w[0, 0], bp, &out[0, 0, 0, 0], g,
+                                            g0, g1, buf)
+                t = claim(&counter[0])
+    finally:
+        free(buf)
+
+
 cdef void _weight_tile(const floating* gp, const floating* xp, floating* acc, Geom g,
                        Py_ssize_t g0, Py_ssize_t g1, floating beta, bint direct, floating* buf,
                        floating* gbuf) noexcept nogil:

@@ -84,8 +84,10 @@ Channels-last
 A channels-last 1x1 layer (stride 1, no padding, one group) is a GEMM on its arrays as they
 lie: x as ``(N*H*W, C)``, w ``(1, 1, C, K)`` as ``(C, K)``, the output and grad-output as
 ``(N*H*W, K)``. Forward and grad-input multiply blocks of rows, grad-weight sums slabs of
-rows (``_im2col.rows_times``, ``rows_gram``), on the pool with serial BLAS as above. Every
-other channels-last problem is transposed to NCHW and back (fastconv.kernels.layout).
+rows (``_im2col.rows_times``, ``rows_gram``), on the pool with serial BLAS as above. Other
+channels-last forwards of one group unfold x transposed to NCHW and store each tile's product
+channels-last (``conv_forward_channels_last``: a pixel's K channels are a row of the GEMM's
+column-major result). The rest is transposed to NCHW and back (fastconv.kernels.layout).
 """
 
 from __future__ import annotations
@@ -294,11 +296,31 @@ def _backward_nhwc(g, x, w, spec, need_input, need_weight, need_bias):
     return dx, dw, db
 
 
+def _forward_channels_last_out(x, w, b, spec):
+    """A channels-last forward of one group: x transposed to NCHW for the unfold (a view for
+    one channel), each tile's GEMM storing its pixels' K channels straight into the NHWC
+    output (no transpose of the output, K channels wide)."""
+    from . import layout
+
+    p = plan(spec)
+    n, k = spec.x_shape[0], spec.w_shape[0]
+    oh, ow = spec.out_hw
+    out = np.empty((n, oh, ow, k), dtype=spec.dtype)
+    w2 = np.ascontiguousarray(w.transpose(3, 2, 0, 1)).reshape(k, -1)  # HWIO -> OIHW rows
+    args = (layout.to_nchw(x), w2, b, out, geometry(spec), p["tile_rows"])
+    with serial_blas():
+        _parallel.run(_im2col.conv_forward_channels_last, args,
+                      _cdiv(n * oh, p["tile_rows"]), _parallel.conv_work_ns(spec))
+    return out
+
+
 def conv2d_forward(x, w, b, spec):
     """conv2d by im2col + GEMM on tiles (see the module docstring)."""
     if spec.layout == "NHWC":
         if _pointwise_nhwc(spec):
             return _forward_nhwc(x, w, b, spec)
+        if spec.groups == 1:
+            return _forward_channels_last_out(x, w, b, spec)
         return _through_nchw("conv2d")(x, w, b, spec)
     p = plan(spec)
     k = spec.w_shape[0]
