@@ -68,8 +68,6 @@ _GG = np.kron(_G, _G)  # (36, 9): row 6*a + b, column 3*r + s
 #: Tiles per block (the N of the block's 36 GEMMs): measured on vgg-256, single-threaded BLAS
 #: runs 256x256 by 256xN products at 29 GFLOP/s for N = 28 and 60 for N = 128.
 BLOCK_TILES = 128
-#: Elements between the channels-last kernel's 36 transformed blocks (a cache line or two).
-SKEW = 16
 #: Transformed elements (input and grad-output tiles together) the channels-last grad-weight
 #: lays out at a time.
 CHUNK_ELEMENTS = 4 << 20
@@ -391,11 +389,8 @@ def _correlate_nhwc(x, ut, b, out, top, left, tiles_w, tiles_h, rows_per_block, 
     n_blocks = (n_rows + rows_per_block - 1) // rows_per_block
     block = rows_per_block * tiles_w
     cols = 4 * tiles_w + 2
-    # the 36 entries' rows one cache line more than their blocks apart: a tile's transform
-    # writes (and the output transform reads) all 36, which at a multiple of 4 KB apart would
-    # share an L1 set (vgg-256's 32 tiles x 256 channels: 0.56x NCHW's kernel)
-    v = np.empty((36, block * n_c + SKEW), dtype=x.dtype)
-    m = np.empty((36, block * n_k + SKEW), dtype=x.dtype)
+    v = np.empty((36, block * n_c), dtype=x.dtype)  # entry e's rows: tile q at q * C
+    m = np.empty((36, block * n_k), dtype=x.dtype)
     band = np.empty((6, cols, n_c), dtype=x.dtype)
     t = np.empty((6, 6, n_c), dtype=x.dtype)
     o = np.empty((4, 6, n_k), dtype=x.dtype)
