@@ -554,6 +554,8 @@ def _grad_weight_nhwc(g, x, spec):
     (pt, _), (pl, _) = spec.padding
     tiles_w, tiles_h = -(-ow // 4), -(-oh // 4)
     n_rows = n * tiles_h
+    if n_rows * tiles_w * c * k == 0:
+        return np.zeros((3, 3, c, k), dtype=spec.dtype)
     chunk = max(1, min(n_rows, CHUNK_ELEMENTS // (36 * tiles_w * (c + k))))
     v = np.empty((36, chunk * tiles_w * c), dtype=spec.dtype)
     gm = np.empty((36, chunk * tiles_w * k), dtype=spec.dtype)
