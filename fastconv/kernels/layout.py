@@ -60,7 +60,7 @@ def _narrow_part(src, dst, a, b, rows, counter):
     while item < n_items:
         base = uint64((item // n_chunks) * a * b)
         lo = uint64((item % n_chunks) * rows)
-        hi = uint64(min(long_side, lo + rows))
+        hi = min(uint64(long_side), lo + uint64(rows))  # uint64 + int64 would be a float
         if a < b:  # a few planes of b pixels -> b pixels of a channels
             for q in range(lo, hi):
                 for p in range(ua):

@@ -68,6 +68,8 @@ _GG = np.kron(_G, _G)  # (36, 9): row 6*a + b, column 3*r + s
 #: Tiles per block (the N of the block's 36 GEMMs): measured on vgg-256, single-threaded BLAS
 #: runs 256x256 by 256xN products at 29 GFLOP/s for N = 28 and 60 for N = 128.
 BLOCK_TILES = 128
+#: Blocks a problem is cut into at least, where it has the tile rows (two a thread on 2 cores).
+MIN_BLOCKS = 4
 #: Transformed elements (input and grad-output tiles together) the channels-last grad-weight
 #: lays out at a time.
 CHUNK_ELEMENTS = 4 << 20
@@ -250,11 +252,13 @@ def _work_ns(spec):
     return _parallel.conv_work_ns(spec, 36 / 144)
 
 
-def plan(n_rows, tiles_w, threads):
+def plan(n_rows, tiles_w):
     """Tile rows per block: about `BLOCK_TILES` tiles (the GEMMs' N dimension: smaller blocks
-    run BLAS below its speed), but at least two blocks per thread where the problem has them."""
+    run BLAS below its speed), but at least `MIN_BLOCKS` blocks where the problem has them.
+    Never from the thread count: BLAS's sum for a tile can depend on how many tiles its call
+    holds (1e-6 relative apart in float32), and results must not depend on the threads."""
     rows = max(1, BLOCK_TILES // tiles_w)
-    return min(rows, max(1, -(-n_rows // (2 * threads))))
+    return min(rows, max(1, -(-n_rows // MIN_BLOCKS)))
 
 
 def _by_channels_last(c_in, c_out, dtype):
@@ -281,7 +285,7 @@ def _run(x, w, b, out, top, left, work_ns):
         y = np.empty((n, oh, ow, k), dtype=x.dtype)
         return layout.to_nchw(_run_nhwc(layout.to_nhwc(x), w, b, y, top, left, work_ns))
     tiles_w, tiles_h = -(-ow // 4), -(-oh // 4)
-    rows = plan(n * tiles_h, tiles_w, _parallel.count)
+    rows = plan(n * tiles_h, tiles_w)
     n_blocks = -(-n * tiles_h // rows)
     bias = b if b is not None else np.zeros(k, dtype=x.dtype)
     args = (x, transform_weight(w), bias, out, top, left, tiles_w, tiles_h, rows)
@@ -564,7 +568,7 @@ def _grad_weight_nhwc(g, x, spec):
     with serial_blas():
         for row0 in range(0, n_rows, chunk):
             nr = min(chunk, n_rows - row0)
-            rows = plan(nr, tiles_w, _parallel.count)
+            rows = plan(nr, tiles_w)
             _parallel.run(_weight_tiles_nhwc, (x, g, v, gm, -pt, -pl, tiles_w, tiles_h, row0,
                                                nr, rows),
                           -(-nr // rows), _parallel.conv_work_ns(spec, 0.1 * nr / n_rows))
@@ -579,7 +583,7 @@ def _run_nhwc(x, w_oihw, b, out, top, left, work_ns):
 
     n, oh, ow, k = out.shape
     tiles_w, tiles_h = -(-ow // 4), -(-oh // 4)
-    rows = plan(n * tiles_h, tiles_w, _parallel.count)
+    rows = plan(n * tiles_h, tiles_w)
     n_blocks = -(-n * tiles_h // rows)
     bias = b if b is not None else np.zeros(k, dtype=x.dtype)
     ut = np.ascontiguousarray(transform_weight(w_oihw).transpose(0, 2, 1))
